@@ -1,0 +1,173 @@
+"""Typed, immutable records that flow between the capture stages.
+
+Every time field carries its unit in its name: ``*_ns`` is nanoseconds since the Unix epoch
+on the clock of the machine that runs gazecam (live sources convert the glasses' clock with a
+``ClockOffset``), ``*_px`` is scene-camera pixels with the origin at the top-left corner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+BGRImage = NDArray[np.uint8]  # (H, W, 3), BGR, uint8
+CropMode = Literal["gaze", "center", "full"]
+SourceKind = Literal["neon-recording", "cloud-export", "neon-live", "synthetic"]
+
+
+@dataclass(frozen=True, slots=True)
+class GazeSample:
+    """One gaze point in scene-camera pixels."""
+
+    timestamp_ns: int
+    x_px: float
+    y_px: float
+    worn: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SceneFrame:
+    """One scene-camera frame; its pixels are decoded or converted only when asked for.
+
+    Decoding a 1600×1200 frame to BGR costs milliseconds, and most frames are never cropped,
+    so a source hands over a ``decode`` callable instead of the pixels.
+    """
+
+    timestamp_ns: int
+    index: int
+    width_px: int
+    height_px: int
+    decode: Callable[[], BGRImage] = field(repr=False, compare=False)
+
+    def bgr(self) -> BGRImage:
+        """The frame's pixels, (height_px, width_px, 3) BGR uint8."""
+        return self.decode()
+
+
+@dataclass(frozen=True, slots=True)
+class Fixation:
+    """A fixation from the recording's or the device's own fixation detector."""
+
+    start_ns: int
+    end_ns: int
+    x_px: float
+    y_px: float
+
+
+@dataclass(frozen=True, slots=True)
+class SourceEvent:
+    """A named event (Neon event annotation, or one sent by a client such as ``step.next``)."""
+
+    timestamp_ns: int
+    name: str
+
+
+SourceItem = GazeSample | SceneFrame | Fixation | SourceEvent
+
+
+@dataclass(frozen=True, slots=True)
+class ClockOffset:
+    """Offset of a device clock from the local clock, with the spread of its measurements.
+
+    ``offset_ns`` = device time - local time, so local time = device time - offset_ns.
+    """
+
+    offset_ns: int
+    spread_ns: int
+    samples: int
+
+    def to_local_ns(self, device_ns: int) -> int:
+        """Convert a device timestamp to the local clock."""
+        return device_ns - self.offset_ns
+
+
+@dataclass(frozen=True, slots=True)
+class CameraIntrinsics:
+    """Scene camera model: 3×3 camera matrix (row-major) and OpenCV distortion coefficients."""
+
+    camera_matrix: tuple[tuple[float, float, float], ...]
+    distortion: tuple[float, ...]
+
+    @classmethod
+    def from_raw(cls, camera_matrix: NDArray[np.float64], distortion: NDArray[np.float64]) -> (
+        CameraIntrinsics
+    ):
+        """Build from numpy arrays as the Neon calibration or the realtime API gives them."""
+        m = np.asarray(camera_matrix, dtype=np.float64).reshape(3, 3)
+        rows = tuple((float(r[0]), float(r[1]), float(r[2])) for r in m)
+        return cls(rows, tuple(float(d) for d in np.asarray(distortion).ravel()))
+
+
+@dataclass(frozen=True, slots=True)
+class SourceInfo:
+    """What a source knows before its first item: geometry, timing and what it carries."""
+
+    uri: str
+    kind: SourceKind
+    frame_width_px: int
+    frame_height_px: int
+    camera: CameraIntrinsics | None = None
+    gaze_rate_hz: float | None = None
+    frame_count: int | None = None  # None for live sources
+    start_ns: int | None = None
+    duration_ns: int | None = None
+    has_fixations: bool = False  # the source yields its own Fixation items
+    clock_offset: ClockOffset | None = None  # live sources: glasses clock vs local clock
+
+
+@dataclass(frozen=True, slots=True)
+class Box:
+    """A pixel box in frame coordinates, half-open: columns x0..x1-1, rows y0..y1-1."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+    @property
+    def width_px(self) -> int:
+        """Width of the box."""
+        return self.x1 - self.x0
+
+    @property
+    def height_px(self) -> int:
+        """Height of the box."""
+        return self.y1 - self.y0
+
+    def as_list(self) -> list[int]:
+        """``[x0, y0, x1, y1]`` as written to JSON."""
+        return [self.x0, self.y0, self.x1, self.y1]
+
+
+GazeStatus = Literal["ok", "no_gaze", "not_worn"]
+
+
+@dataclass(frozen=True, slots=True)
+class MatchedFrame:
+    """A scene frame with the gaze matched to its timestamp and its fixation state.
+
+    ``gaze_x_px``/``gaze_y_px`` are None unless ``status`` is "ok": a frame with no gaze in
+    tolerance, or taken while the glasses were off, never gets a stale gaze point.
+    """
+
+    frame: SceneFrame
+    status: GazeStatus
+    gaze_timestamp_ns: int | None
+    gaze_x_px: float | None
+    gaze_y_px: float | None
+    fixation_id: int | None  # None: saccade, no gaze, or not worn
+
+
+@dataclass(frozen=True, slots=True)
+class Crop:
+    """A keyframe's crop: the pixels of ``box`` in the frame, and where they came from."""
+
+    matched: MatchedFrame
+    mode: CropMode
+    box: Box
+    pixels: BGRImage = field(repr=False, compare=False)  # (box.height_px, box.width_px, 3)
+    thumbnail: BGRImage | None = field(default=None, repr=False, compare=False)

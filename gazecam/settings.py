@@ -1,0 +1,95 @@
+"""Settings, one pydantic-settings model per concern, all read from ``GAZECAM_*`` variables.
+
+The command line maps its flags onto these models (see ``gazecam.cli``), so a flag and its
+environment variable always mean the same thing.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gazecam.records import CropMode
+
+Pace = Literal["realtime", "fast"]
+
+
+class SourceSettings(BaseSettings):
+    """How sources are opened and replayed."""
+
+    model_config = SettingsConfigDict(env_prefix="GAZECAM_", extra="ignore")
+
+    pace: Pace = Field(
+        "fast",
+        description="Replay pacing of recorded sources: 'realtime' as the glasses deliver, "
+        "or 'fast' as fast as possible.",
+    )
+    neon_discovery_timeout_s: float = Field(
+        10.0, gt=0, description="How long neon://auto searches the network (mDNS) for glasses."
+    )
+    neon_connect_timeout_s: float = Field(
+        5.0, gt=0, description="Timeout for connecting to a Neon Companion device."
+    )
+    neon_reconnect_attempts: int = Field(
+        10, ge=0, description="How often a live source reconnects after a dropped stream."
+    )
+    neon_reconnect_backoff_s: float = Field(
+        1.0, gt=0, description="Wait before the first reconnect; doubles each try, up to 10 s."
+    )
+    neon_time_echo_samples: int = Field(
+        20, ge=3, description="Time Echo round trips used to estimate the glasses' clock offset."
+    )
+    synthetic_duration_s: float = Field(
+        30.0, gt=0, description="Length of a synthetic source's scene, in seconds."
+    )
+
+
+class CaptureSettings(BaseSettings):
+    """Gaze-to-frame matching, fixation detection, keyframes and foveal crops."""
+
+    model_config = SettingsConfigDict(env_prefix="GAZECAM_", extra="ignore")
+
+    crop_size_px: int = Field(
+        448, ge=16, le=4096, description="Side of the square foveal crop, in pixels."
+    )
+    crop_mode: CropMode = Field(
+        "gaze",
+        description="'gaze': crop centred on the gaze point; 'center': the same size at the "
+        "frame centre (baseline); 'full': the whole frame (baseline).",
+    )
+    keyframes_per_s: float = Field(
+        1.0, gt=0, le=120, description="At most this many keyframes (crops) per second."
+    )
+    thumbnail_px: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="Width of a low-resolution thumbnail of the whole frame kept beside each "
+        "crop as peripheral context; 0 turns it off.",
+    )
+    match_method: Literal["interpolate", "nearest"] = Field(
+        "interpolate",
+        description="Gaze at a frame's time: linear interpolation between the samples around "
+        "it, or the nearest sample.",
+    )
+    match_tolerance_ms: float = Field(
+        20.0,
+        gt=0,
+        description="A frame whose nearest gaze sample is further away than this has no gaze.",
+    )
+    fixation_detector: Literal["auto", "source", "ivt"] = Field(
+        "auto",
+        description="'source': the recording's or device's own fixations; 'ivt': our "
+        "velocity-threshold filter; 'auto': the source's where it has them, else I-VT.",
+    )
+    ivt_threshold_deg_s: float = Field(
+        30.0, gt=0, description="I-VT: gaze slower than this (degrees/s) is fixating."
+    )
+    ivt_window_ms: float = Field(
+        20.0, gt=0, description="I-VT: gaze velocity is measured over this window."
+    )
+    ivt_min_fixation_ms: float = Field(
+        60.0, ge=0, description="I-VT: a fixation must last this long before it counts."
+    )

@@ -1,0 +1,59 @@
+"""Sources of scene frames and gaze, chosen from a source address.
+
+Addresses: a folder path (a Neon native recording or a Pupil Cloud export, told apart by their
+files), ``neon://auto`` (the first Neon found by mDNS), ``neon://HOST[:PORT]``, and
+``synthetic:NAME``. Each backend module is imported only when its address is used, so a
+machine without the Neon packages can still replay exports and synthetic scenes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gazecam.errors import ConfigError, SourceError
+from gazecam.settings import SourceSettings
+from gazecam.sources.base import Source, SourceStats
+
+__all__ = ["Source", "SourceStats", "detect_folder_format", "open_source"]
+
+
+def detect_folder_format(path: Path) -> str:
+    """Tell a Neon native recording ('neon-recording') from a Pupil Cloud export ('cloud-export')."""
+    if not path.exists():
+        raise SourceError(f"{path}: no such file or folder")
+    if not path.is_dir():
+        raise SourceError(f"{path}: not a folder (a source is a recording or export folder)")
+    if (path / "info.json").is_file() and any(path.glob("gaze ps*.raw")):
+        return "neon-recording"
+    if (path / "gaze.csv").is_file() and (path / "world_timestamps.csv").is_file():
+        return "cloud-export"
+    raise SourceError(
+        f"{path}: neither a Neon recording (info.json with 'gaze ps1.raw') nor a Pupil Cloud "
+        "export (gaze.csv with world_timestamps.csv)"
+    )
+
+
+def open_source(address: str, settings: SourceSettings | None = None) -> Source:
+    """Create the source for an address; nothing is read until its ``open()``."""
+    settings = settings or SourceSettings()
+    if address.startswith("synthetic:"):
+        from gazecam.sources.synthetic import SyntheticSource
+
+        return SyntheticSource(address, settings)
+    if address.startswith("neon://"):
+        from gazecam.sources.neon_live import NeonLiveSource
+
+        return NeonLiveSource(address, settings)
+    if "://" in address:
+        raise ConfigError(
+            f"{address}: unknown source address (use a folder, neon://auto, neon://HOST[:PORT] "
+            "or synthetic:NAME)"
+        )
+    path = Path(address).expanduser()
+    if detect_folder_format(path) == "neon-recording":
+        from gazecam.sources.neon_recording import NeonRecordingSource
+
+        return NeonRecordingSource(path, settings)
+    from gazecam.sources.cloud_export import CloudExportSource
+
+    return CloudExportSource(path, settings)

@@ -1,0 +1,95 @@
+"""The source role: one async interface for recordings, exports, live glasses and synthetic scenes.
+
+A source is opened (which reads and checks its metadata), then pulled as an async iterator of
+time-stamped items, then closed::
+
+    source = open_source("path/to/recording", settings)
+    info = await source.open()          # metadata before the first item
+    try:
+        async for item in source.stream():   # GazeSample | SceneFrame | Fixation | SourceEvent
+            ...
+    finally:
+        await source.close()
+
+Recorded sources yield items in timestamp order. Live sources yield them as they arrive, which
+is nearly, but not exactly, in order; downstream stages allow for that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from gazecam.records import Fixation, SourceInfo, SourceItem
+from gazecam.settings import Pace
+
+
+@dataclass
+class SourceStats:
+    """Counters a source keeps while it streams (mutable: updated in place)."""
+
+    frames_in: int = 0
+    frames_dropped: int = 0  # live: stale frames replaced by a newer one before being pulled
+    gaze_in: int = 0
+    reconnects: int = 0
+
+
+class Source(Protocol):
+    """Anything that yields time-stamped scene frames and gaze samples."""
+
+    uri: str
+    stats: SourceStats
+
+    async def open(self) -> SourceInfo:
+        """Read and check the metadata; raise SourceError naming what is wrong."""
+        ...
+
+    def stream(self) -> AsyncIterator[SourceItem]:
+        """The items, pulled by the caller. Only valid after ``open()``."""
+        ...
+
+    async def close(self) -> None:
+        """Release files, decoders and connections. Safe to call twice."""
+        ...
+
+
+def item_time_ns(item: SourceItem) -> int:
+    """The time an item is ordered by: a fixation's start, everything else's timestamp."""
+    if isinstance(item, Fixation):
+        return item.start_ns
+    return item.timestamp_ns
+
+
+def merge_by_time(*streams: Iterable[SourceItem]) -> Iterator[SourceItem]:
+    """Merge streams that are each sorted by time into one sorted stream (lazily)."""
+    return heapq.merge(*streams, key=item_time_ns)
+
+
+# In 'fast' pacing the replay hands control back to the event loop every this many items,
+# so a server's other tasks (websockets, perception) keep running during a replay.
+_YIELD_EVERY_ITEMS = 64
+
+
+async def replay(items: Iterable[SourceItem], pace: Pace) -> AsyncIterator[SourceItem]:
+    """Turn a time-sorted iterable into an async stream, paced in real time or as fast as possible.
+
+    In 'realtime' pacing an item is released when as much wall time has passed since the first
+    item as recording time has; a consumer that falls behind is not waited for.
+    """
+    t0_item_ns: int | None = None
+    t0_wall_ns = 0
+    for n, item in enumerate(items):
+        if pace == "realtime":
+            t_ns = item_time_ns(item)
+            if t0_item_ns is None:
+                t0_item_ns, t0_wall_ns = t_ns, time.monotonic_ns()
+            wait_ns = (t_ns - t0_item_ns) - (time.monotonic_ns() - t0_wall_ns)
+            if wait_ns > 0:
+                await asyncio.sleep(wait_ns / 1e9)
+        elif n % _YIELD_EVERY_ITEMS == 0:
+            await asyncio.sleep(0)
+        yield item
