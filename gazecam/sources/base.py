@@ -35,6 +35,7 @@ class SourceStats:
     frames_in: int = 0
     frames_dropped: int = 0  # live: stale frames replaced by a newer one before being pulled
     gaze_in: int = 0
+    gaze_dropped: int = 0  # live: oldest gaze dropped from a full queue (consumer too slow)
     reconnects: int = 0
 
 

@@ -1,0 +1,425 @@
+"""Live Neon glasses over the network: ``neon://auto`` or ``neon://HOST[:PORT]``.
+
+Uses the async API of ``pupil-labs-realtime-api``; its ``simple`` API runs its own event loop
+and cannot live inside a server. Every call that reaches the glasses goes through
+``NeonLink``, so tests swap the hardware for fakes and keep the source's own logic.
+
+Live data is bounded on its way in. Scene frames go into a one-slot holder where a newer
+frame replaces one the consumer has not pulled yet (counted in ``stats.frames_dropped``);
+gaze goes into a queue of about 2 s that drops its oldest sample when full (counted in
+``gaze_dropped``). Frames and gaze are not matched here: the capture stage does that, so the
+library's own matcher, which drops frames, is not used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections import deque
+from collections.abc import AsyncGenerator, Callable
+from functools import partial
+from typing import TYPE_CHECKING, TypeVar, cast
+
+from gazecam.errors import ConfigError, DeviceUnreachableError, MissingDependencyError, SourceError
+from gazecam.records import (
+    CameraIntrinsics,
+    ClockOffset,
+    GazeSample,
+    SceneFrame,
+    SourceInfo,
+    SourceItem,
+)
+from gazecam.settings import SourceSettings
+from gazecam.sources.base import SourceStats
+
+if TYPE_CHECKING:
+    from pupil_labs.realtime_api.device import Device
+    from pupil_labs.realtime_api.models import DiscoveredDeviceInfo, Phone, Sensor, Status
+    from pupil_labs.realtime_api.streaming.gaze import GazeDataType
+    from pupil_labs.realtime_api.streaming.video import VideoFrame
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8080
+SCENE_WIDTH_PX, SCENE_HEIGHT_PX = 1600, 1200  # the Neon scene camera
+GAZE_QUEUE_LEN = 400  # 2 s of gaze at Neon's highest rate, 200 Hz
+MAX_BACKOFF_S = 10.0
+
+_ADDRESS = re.compile(r"neon://(?P<host>[A-Za-z0-9.-]+)(?::(?P<port>\d{1,5}))?/?")
+
+_T = TypeVar("_T")
+
+
+def parse_neon_address(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of ``neon://HOST[:PORT]``, or None for ``neon://auto``."""
+    match = _ADDRESS.fullmatch(address)
+    port = int(match["port"] or DEFAULT_PORT) if match else 0
+    if match is None or not 0 < port < 65536:
+        raise ConfigError(f"{address}: not a Neon address (use neon://auto or neon://HOST[:PORT])")
+    if match["host"].lower() == "auto" and match["port"] is None:
+        return None
+    return match["host"], port
+
+
+def _describe(exc: BaseException, timeout_s: float) -> str:
+    """One line saying why a call to the device failed."""
+    if isinstance(exc, asyncio.TimeoutError) and not str(exc):
+        return f"no answer within {timeout_s:g} s"
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+class NeonLink:
+    """The hardware boundary: every call that goes to the glasses or the network.
+
+    Thin wrappers around the realtime API; timeouts, retries and error messages are the
+    source's business. Tests pass a subclass with fakes to ``NeonLiveSource``.
+    """
+
+    def __init__(self) -> None:
+        try:
+            import aiohttp
+            from pupil_labs.realtime_api.device import DeviceError
+        except ImportError as exc:
+            raise MissingDependencyError(
+                "pupil-labs-realtime-api", "neon", "Live Neon glasses (neon://)"
+            ) from exc
+        # What a failed exchange with the device raises. asyncio's timeout is an OSError only
+        # from Python 3.11 on; ValueError is a malformed answer.
+        self.errors: tuple[type[Exception], ...] = (
+            OSError,
+            asyncio.TimeoutError,
+            aiohttp.ClientError,
+            DeviceError,
+            ValueError,
+        )
+        self._device: Device | None = None
+
+    async def discover(self, timeout_s: float) -> tuple[str, int] | None:
+        """Address and port of the first Neon Companion app found by mDNS, or None."""
+        from pupil_labs.realtime_api.discovery import discover_devices
+
+        # aclosing: leaving the loop early must still close the mDNS browser.
+        found_devices = cast(
+            "AsyncGenerator[DiscoveredDeviceInfo, None]",
+            discover_devices(timeout_seconds=timeout_s),
+        )
+        async with contextlib.aclosing(found_devices) as found:
+            async for device in found:
+                if device.addresses:
+                    return device.addresses[0], device.port
+        return None
+
+    async def connect(self, host: str, port: int) -> Status:
+        """Open an HTTP session to the Companion app and fetch its status."""
+        from pupil_labs.realtime_api.device import Device
+
+        await self.close()
+        self._device = Device(host, port)
+        return await self._device.get_status()
+
+    async def scene_camera(self) -> CameraIntrinsics:
+        """The scene camera's intrinsics from the connected device's calibration."""
+        if self._device is None:
+            raise RuntimeError("NeonLink.scene_camera() called before connect()")
+        calibration = await self._device.get_calibration()
+        return CameraIntrinsics.from_raw(
+            calibration.scene_camera_matrix, calibration.scene_distortion_coefficients
+        )
+
+    async def clock_offset(self, host: str, port: int, samples: int) -> ClockOffset | None:
+        """Estimate the device clock's offset with Time Echo; None if the estimator failed."""
+        from pupil_labs.realtime_api.time_echo import TimeOffsetEstimator
+
+        estimate = await TimeOffsetEstimator(host, port).estimate(number_of_measurements=samples)
+        if estimate is None:
+            return None  # the estimator has logged why
+        offset_ms = estimate.time_offset_ms
+        # Pupil Labs' offset is client - host; ClockOffset's is device - local.
+        return ClockOffset(
+            offset_ns=-round(offset_ms.median * 1e6),
+            spread_ns=round(offset_ms.std * 1e6),
+            samples=len(offset_ms.measurements),
+        )
+
+    def receive_gaze(self, url: str, timeout_s: float) -> AsyncGenerator[GazeDataType, None]:
+        """Gaze data from the device's RTSP gaze stream."""
+        from pupil_labs.realtime_api.streaming import receive_gaze_data
+
+        # run_loop: aiortsp retries a failed RTSP session itself; the source's stall
+        # watchdog catches an outage that lasts.
+        data = receive_gaze_data(url, run_loop=True, timeout=timeout_s, log_level=logging.WARNING)
+        return cast("AsyncGenerator[GazeDataType, None]", data)
+
+    def receive_video(self, url: str, timeout_s: float) -> AsyncGenerator[VideoFrame, None]:
+        """Decoded scene camera frames from the device's RTSP video stream."""
+        from pupil_labs.realtime_api.streaming import receive_video_frames
+
+        frames = receive_video_frames(
+            url, run_loop=True, timeout=timeout_s, log_level=logging.WARNING
+        )
+        return cast("AsyncGenerator[VideoFrame, None]", frames)
+
+    async def close(self) -> None:
+        """Close the HTTP session, if one is open."""
+        device, self._device = self._device, None
+        if device is not None:
+            await device.close()
+
+
+class NeonLiveSource:
+    """Scene frames and gaze from live Neon glasses, yielded as they arrive."""
+
+    def __init__(
+        self, address: str, settings: SourceSettings, link: NeonLink | None = None
+    ) -> None:
+        self.uri = address
+        self.stats = SourceStats()
+        self._endpoint = parse_neon_address(address)
+        self._settings = settings
+        self._link = link or NeonLink()
+        self._where = address  # becomes neon://HOST:PORT once the device is known
+        self._urls: tuple[str, str] | None = None  # gaze, scene video
+        self._clock: ClockOffset | None = None
+        self._gaze: deque[GazeSample] = deque(maxlen=GAZE_QUEUE_LEN)
+        self._frame: SceneFrame | None = None
+        self._wake = asyncio.Event()
+        self._pumps: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    async def open(self) -> SourceInfo:
+        """Find and connect to the glasses; read the scene calibration and the clock offset."""
+        host, port = self._endpoint or await self._discover()
+        self._where = f"neon://{host}:{port}"
+        try:
+            status = await self._connect(host, port)
+            self._urls = (
+                self._sensor_url(status.direct_gaze_sensor(), "gaze"),
+                self._sensor_url(status.direct_world_sensor(), "scene camera"),
+            )
+            camera = await self._scene_camera()
+            self._clock = await self._estimate_clock(status.phone)
+        except BaseException:
+            await self._link.close()  # the caller closes only a source that opened
+            raise
+        return SourceInfo(
+            uri=self.uri,
+            kind="neon-live",
+            frame_width_px=SCENE_WIDTH_PX,
+            frame_height_px=SCENE_HEIGHT_PX,
+            camera=camera,
+            frame_count=None,
+            has_fixations=False,
+            clock_offset=self._clock,
+        )
+
+    async def stream(self) -> AsyncGenerator[SourceItem, None]:
+        """Gaze samples and scene frames as they arrive; gaze received before a frame first."""
+        if self._urls is None:
+            raise SourceError(f"{self.uri}: stream() called before open()")
+        gaze_url, video_url = self._urls
+        receive_gaze, receive_video = self._link.receive_gaze, self._link.receive_video
+        timeout_s = self._settings.neon_connect_timeout_s
+        self._pumps = [
+            asyncio.create_task(
+                self._pump("gaze", self._put_gaze, partial(receive_gaze, gaze_url, timeout_s))
+            ),
+            asyncio.create_task(
+                self._pump(
+                    "scene video", self._put_frame, partial(receive_video, video_url, timeout_s)
+                )
+            ),
+        ]
+        for pump in self._pumps:
+            pump.add_done_callback(lambda _: self._wake.set())
+        try:
+            while not self._closed:
+                self._wake.clear()
+                while self._gaze or self._frame is not None:
+                    # The gaze queued now arrived before the frame in the holder.
+                    for _ in range(len(self._gaze)):
+                        yield self._gaze.popleft()
+                    if self._frame is not None:
+                        frame, self._frame = self._frame, None
+                        yield frame
+                for pump in self._pumps:
+                    if pump.done():
+                        pump.result()  # a pump only ends by failing: raise its error
+                await self._wake.wait()
+        finally:
+            await self._stop_pumps()
+
+    async def close(self) -> None:
+        """Stop receiving and close the connection. Safe to call twice."""
+        self._closed = True
+        self._wake.set()
+        await self._stop_pumps()
+        await self._link.close()
+
+    async def _discover(self) -> tuple[str, int]:
+        timeout_s = self._settings.neon_discovery_timeout_s
+        try:
+            found = await self._link.discover(timeout_s)
+        except self._link.errors as exc:
+            raise DeviceUnreachableError(
+                f"{self.uri}: network discovery failed ({_describe(exc, timeout_s)})"
+            ) from exc
+        if found is None:
+            raise DeviceUnreachableError(
+                f"{self.uri}: no Neon found on the network within {timeout_s:g} s"
+            )
+        logger.info("%s: found a Neon at %s:%d", self.uri, *found)
+        return found
+
+    async def _connect(self, host: str, port: int) -> Status:
+        timeout_s = self._settings.neon_connect_timeout_s
+        try:
+            return await asyncio.wait_for(self._link.connect(host, port), timeout_s)
+        except self._link.errors as exc:
+            raise DeviceUnreachableError(
+                f"{self._where}: device unreachable ({_describe(exc, timeout_s)})"
+            ) from exc
+
+    def _sensor_url(self, sensor: Sensor | None, name: str) -> str:
+        url = sensor.url if sensor is not None else None
+        if url is None:
+            raise SourceError(
+                f"{self._where}: {name} sensor not connected (are the glasses plugged into "
+                "the Companion phone?)"
+            )
+        return url
+
+    async def _scene_camera(self) -> CameraIntrinsics | None:
+        timeout_s = self._settings.neon_connect_timeout_s
+        try:
+            return await asyncio.wait_for(self._link.scene_camera(), timeout_s)
+        except self._link.errors as exc:
+            logger.warning(
+                "%s: no scene camera calibration (%s); going on without it",
+                self._where,
+                _describe(exc, timeout_s),
+            )
+            return None
+
+    async def _estimate_clock(self, phone: Phone) -> ClockOffset | None:
+        timeout_s = self._settings.neon_connect_timeout_s
+        offset = None
+        if phone.time_echo_port is None:
+            reason = "the Companion app has no Time Echo port; update it"
+        else:
+            try:
+                offset = await asyncio.wait_for(
+                    self._link.clock_offset(
+                        phone.ip, phone.time_echo_port, self._settings.neon_time_echo_samples
+                    ),
+                    timeout_s,
+                )
+                reason = "Time Echo estimation failed"
+            except self._link.errors as exc:
+                reason = f"Time Echo: {_describe(exc, timeout_s)}"
+        if offset is None:
+            logger.warning(
+                "%s: no clock offset (%s); taking the glasses' timestamps as local time",
+                self._where,
+                reason,
+            )
+        else:
+            logger.info(
+                "%s: glasses clock is %+.1f ms (±%.1f ms) from the local clock",
+                self._where,
+                offset.offset_ns / 1e6,
+                offset.spread_ns / 1e6,
+            )
+        return offset
+
+    async def _pump(
+        self,
+        what: str,
+        put: Callable[[_T], None],
+        receive: Callable[[], AsyncGenerator[_T, None]],
+    ) -> None:
+        """Feed one device stream into the buffers; reconnect with backoff when it drops.
+
+        A stream that delivers nothing for the connect timeout counts as dropped: gaze and
+        scene video flow without pause while the glasses are connected, worn or not.
+        """
+        stall_s = self._settings.neon_connect_timeout_s
+        attempts = self._settings.neon_reconnect_attempts
+        failures = 0
+        while True:
+            items = receive()
+            try:
+                while True:
+                    try:
+                        datum = await asyncio.wait_for(anext(items), stall_s)
+                    except StopAsyncIteration:
+                        reason = f"{what} stream ended"
+                        break
+                    except asyncio.TimeoutError:
+                        reason = f"no {what} for {stall_s:g} s"
+                        break
+                    except Exception as exc:  # a dropped link or a corrupt packet alike
+                        reason = f"{what}: {_describe(exc, stall_s)}"
+                        break
+                    put(datum)
+                    failures = 0
+            finally:
+                await items.aclose()
+            if failures >= attempts:
+                raise DeviceUnreachableError(
+                    f"{self._where}: stream lost after {failures} reconnects ({reason})"
+                )
+            delay_s = min(self._settings.neon_reconnect_backoff_s * 2**failures, MAX_BACKOFF_S)
+            failures += 1
+            self.stats.reconnects += 1
+            logger.warning(
+                "%s: %s; reconnecting in %.2g s (attempt %d of %d)",
+                self._where,
+                reason,
+                delay_s,
+                failures,
+                attempts,
+            )
+            await asyncio.sleep(delay_s)
+
+    def _put_gaze(self, datum: GazeDataType) -> None:
+        from pupil_labs.realtime_api.streaming.gaze import DualMonocularGazeData
+
+        # Dual-monocular mode sends no binocular point; the left eye's stands in for it.
+        x_px, y_px = datum.left if isinstance(datum, DualMonocularGazeData) else (datum.x, datum.y)
+        if len(self._gaze) == GAZE_QUEUE_LEN:
+            if self.stats.gaze_dropped == 0:
+                logger.warning(
+                    "%s: the consumer is falling behind; dropping the oldest gaze (counted in "
+                    "gaze_dropped)",
+                    self._where,
+                )
+            self.stats.gaze_dropped += 1
+        timestamp_ns = self._local_ns(datum.timestamp_unix_ns)
+        self._gaze.append(GazeSample(timestamp_ns, x_px, y_px, datum.worn))
+        self.stats.gaze_in += 1
+        self._wake.set()
+
+    def _put_frame(self, frame: VideoFrame) -> None:
+        if self._frame is not None:
+            self.stats.frames_dropped += 1  # newest wins: the consumer never saw this one
+        self._frame = SceneFrame(
+            timestamp_ns=self._local_ns(frame.timestamp_unix_ns),
+            index=self.stats.frames_in,
+            width_px=frame.av_frame.width,
+            height_px=frame.av_frame.height,
+            decode=frame.bgr_buffer,
+        )
+        self.stats.frames_in += 1
+        self._wake.set()
+
+    def _local_ns(self, device_ns: int) -> int:
+        return self._clock.to_local_ns(device_ns) if self._clock is not None else device_ns
+
+    async def _stop_pumps(self) -> None:
+        pumps, self._pumps = self._pumps, []
+        for pump in pumps:
+            pump.cancel()
+        # A pump's own error reached the consumer through stream(), or the consumer is gone.
+        await asyncio.gather(*pumps, return_exceptions=True)
