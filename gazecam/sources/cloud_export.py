@@ -1,0 +1,396 @@
+"""Pupil Cloud "Timeseries Data + Scene Video" export folders as a source.
+
+An export holds ``gaze.csv``, ``world_timestamps.csv`` (one row per scene frame, in video
+order) and one scene ``.mp4`` whose name varies; ``events.csv``, ``fixations.csv``,
+``info.json`` and ``scene_camera.json`` are used where present. Everything is parsed and
+checked in ``open()``; ``stream()`` then builds the records lazily from numpy arrays, so a long
+recording never exists as millions of Python objects at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import math
+from array import array
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+from numpy.typing import NDArray
+
+from gazecam.errors import SourceError
+from gazecam.records import (
+    BGRImage,
+    CameraIntrinsics,
+    Fixation,
+    GazeSample,
+    SceneFrame,
+    SourceEvent,
+    SourceInfo,
+    SourceItem,
+)
+from gazecam.settings import SourceSettings
+from gazecam.sources.base import SourceStats, merge_by_time, replay
+from gazecam.video import decode_frames, probe_video
+
+TIMESTAMP_COL = "timestamp [ns]"
+# Converting this many samples to Python numbers at once keeps the per-sample cost low
+# without materialising a whole recording.
+_CHUNK_SAMPLES = 4096
+_WORN = {"1": 1, "1.0": 1, "true": 1, "0": 0, "0.0": 0, "false": 0}
+
+
+def _parse_worn(text: str) -> int:
+    key = text.strip().lower()
+    if key not in _WORN:
+        raise ValueError(text)
+    return _WORN[key]
+
+
+def _parse_finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+def _parse_fixation_id(text: str) -> int:
+    """An id (pandas-written exports may say ``12.0``); empty, i.e. no fixation, is -1."""
+    if not text.strip():
+        return -1
+    value = float(text)
+    if value < 0 or value != int(value):
+        raise ValueError(text)
+    return int(value)
+
+
+# What each parser accepts, for the error message when a cell is not that.
+_EXPECTED: dict[Callable[[str], Any], str] = {
+    int: "an integer",
+    _parse_finite: "a finite number",
+    _parse_worn: "1/0, 1.0/0.0 or True/False",
+    _parse_fixation_id: "an integer id or nothing",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Col:
+    """One CSV column to read: its header name, parser and storage type."""
+
+    name: str
+    parse: Callable[[str], Any]
+    typecode: str  # array typecode ("q" int64, "d" float64, "b" int8), "" keeps Python strings
+    required: bool = True
+
+
+def _read_csv(path: Path, cols: Sequence[_Col], ordered_by: str | None = None) -> dict[str, Any]:
+    """Read the given columns of a CSV file, checking that ``ordered_by`` never decreases.
+
+    Returns a numpy array (a list for string columns) per column found; optional columns
+    missing from the header are left out.
+    """
+    if not path.is_file():
+        raise SourceError(f"{path}: missing file")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = [name.strip() for name in next(reader, [])]
+            if not header:
+                raise SourceError(f"{path}: empty file (no header row)")
+            for col in cols:
+                if col.required and col.name not in header:
+                    raise SourceError(f"{path}: missing column '{col.name}'")
+            present = [col for col in cols if col.name in header]
+            index = [header.index(col.name) for col in present]
+            store: dict[str, Any] = {
+                c.name: array(c.typecode) if c.typecode else [] for c in present
+            }
+            lists = [store[c.name] for c in present]
+            ordered = next((k for k, c in enumerate(present) if c.name == ordered_by), None)
+            previous: Any = None
+            for row in reader:
+                if not row:
+                    continue  # blank line, e.g. a trailing newline
+                if len(row) < len(header):
+                    raise SourceError(
+                        f"{path} line {reader.line_num}: {len(row)} fields, the header has "
+                        f"{len(header)}"
+                    )
+                values = _parse_row(f"{path} line {reader.line_num}", present, index, row)
+                if ordered is not None:
+                    if previous is not None and values[ordered] < previous:
+                        raise SourceError(
+                            f"{path} line {reader.line_num}: '{present[ordered].name}' "
+                            f"{values[ordered]} is out of order (the row before has {previous})"
+                        )
+                    previous = values[ordered]
+                for values_of_col, value in zip(lists, values, strict=True):
+                    values_of_col.append(value)
+        return {name: np.asarray(v) if isinstance(v, array) else v for name, v in store.items()}
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise SourceError(f"{path}: cannot read the file ({exc})") from exc
+
+
+def _parse_row(where: str, cols: Sequence[_Col], index: Sequence[int], row: list[str]) -> list[Any]:
+    values = []
+    for col, i in zip(cols, index, strict=True):
+        try:
+            values.append(col.parse(row[i]))
+        except ValueError as exc:
+            raise SourceError(
+                f"{where}: column '{col.name}': {row[i]!r} is not {_EXPECTED[col.parse]}"
+            ) from exc
+    return values
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SourceError(f"{path}: cannot read the JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise SourceError(f"{path}: expected a JSON object")
+    return data
+
+
+def _read_camera(path: Path) -> CameraIntrinsics:
+    data = _read_json(path)
+    try:
+        matrix = np.asarray(data["camera_matrix"], dtype=np.float64)
+        distortion = np.asarray(data["distortion_coefficients"], dtype=np.float64).ravel()
+    except KeyError as exc:
+        raise SourceError(f"{path}: missing key {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise SourceError(f"{path}: camera parameters are not numbers ({exc})") from exc
+    if matrix.shape != (3, 3) or not np.isfinite(matrix).all():
+        raise SourceError(f"{path}: 'camera_matrix' must be 3 by 3 numbers, got {matrix.shape}")
+    if distortion.size not in (4, 5, 8, 12, 14) or not np.isfinite(distortion).all():
+        raise SourceError(
+            f"{path}: 'distortion_coefficients' must be 4, 5, 8, 12 or 14 numbers, "
+            f"got {distortion.size}"
+        )
+    return CameraIntrinsics.from_raw(matrix, distortion)
+
+
+@dataclass(frozen=True, slots=True)
+class _Gaze:
+    """gaze.csv as arrays: sample i is (timestamp_ns[i], x_px[i], y_px[i], worn[i])."""
+
+    timestamp_ns: NDArray[np.int64]
+    x_px: NDArray[np.float64]
+    y_px: NDArray[np.float64]
+    worn: NDArray[np.bool_]
+    fixation_id: NDArray[np.int64] | None  # -1: not in a fixation; None: no such column
+
+
+def _read_gaze(path: Path) -> _Gaze:
+    cols = [
+        _Col(TIMESTAMP_COL, int, "q"),
+        _Col("gaze x [px]", _parse_finite, "d"),
+        _Col("gaze y [px]", _parse_finite, "d"),
+        _Col("worn", _parse_worn, "b"),
+        _Col("fixation id", _parse_fixation_id, "q", required=False),
+    ]
+    table = _read_csv(path, cols, ordered_by=TIMESTAMP_COL)
+    if not table[TIMESTAMP_COL].size:
+        raise SourceError(f"{path}: no gaze samples")
+    x_px, y_px, worn = table["gaze x [px]"], table["gaze y [px]"], table["worn"].astype(np.bool_)
+    return _Gaze(table[TIMESTAMP_COL], x_px, y_px, worn, table.get("fixation id"))
+
+
+def _fixations_from_gaze(gaze: _Gaze) -> list[Fixation]:
+    """One fixation per run of equal fixation ids: first to last sample, mean position."""
+    if gaze.fixation_id is None:
+        return []
+    ids = gaze.fixation_id
+    change = np.flatnonzero(np.diff(ids)) + 1
+    starts = np.concatenate(([0], change))
+    ends = np.concatenate((change, [ids.size]))  # exclusive
+    keep = ids[starts] >= 0
+    starts, ends = starts[keep], ends[keep]
+    cum_x = np.concatenate(([0.0], np.cumsum(gaze.x_px)))
+    cum_y = np.concatenate(([0.0], np.cumsum(gaze.y_px)))
+    counts = ends - starts
+    mean_x = (cum_x[ends] - cum_x[starts]) / counts
+    mean_y = (cum_y[ends] - cum_y[starts]) / counts
+    t = gaze.timestamp_ns
+    return [
+        Fixation(int(t[s]), int(t[e - 1]), float(x), float(y))
+        for s, e, x, y in zip(starts, ends, mean_x, mean_y, strict=True)
+    ]
+
+
+def _read_fixations(path: Path) -> list[Fixation]:
+    cols = [
+        _Col("start timestamp [ns]", int, "q"),
+        _Col("end timestamp [ns]", int, "q"),
+        _Col("fixation x [px]", _parse_finite, "d"),
+        _Col("fixation y [px]", _parse_finite, "d"),
+    ]
+    table = _read_csv(path, cols)
+    rows = zip(*(table[c.name].tolist() for c in cols), strict=True)
+    fixations = [Fixation(*row) for row in rows]
+    for n, fixation in enumerate(fixations, start=1):
+        if fixation.end_ns < fixation.start_ns:
+            raise SourceError(f"{path} data row {n}: the fixation ends before it starts")
+    return sorted(fixations, key=lambda f: f.start_ns)
+
+
+def _read_events(path: Path) -> list[SourceEvent]:
+    table = _read_csv(path, [_Col(TIMESTAMP_COL, int, "q"), _Col("name", str, "")])
+    rows = zip(table[TIMESTAMP_COL].tolist(), table["name"], strict=True)
+    events = [SourceEvent(t_ns, name) for t_ns, name in rows]
+    return sorted(events, key=lambda e: e.timestamp_ns)
+
+
+def _lazy_bgr(frame: av.VideoFrame) -> Callable[[], BGRImage]:
+    """The BGR conversion costs milliseconds, so only frames that are cropped pay for it."""
+    return lambda: np.asarray(frame.to_ndarray(format="bgr24"), dtype=np.uint8)
+
+
+def _find_video(folder: Path) -> Path:
+    # Names starting with "." are macOS resource forks or editor droppings, not videos.
+    videos = sorted(p for p in folder.glob("*.mp4") if not p.name.startswith("."))
+    if len(videos) != 1:
+        found = ", ".join(p.name for p in videos) or "none"
+        raise SourceError(f"{folder}: expected exactly one scene .mp4, found {found}")
+    return videos[0]
+
+
+@dataclass(frozen=True, slots=True)
+class _Export:
+    """What ``open()`` parsed and checked; ``stream()`` turns it into records."""
+
+    video: Path
+    width_px: int
+    height_px: int
+    frame_ns: NDArray[np.int64]  # row i of world_timestamps.csv: frame i of the video
+    gaze: _Gaze
+    fixations: list[Fixation]
+    events: list[SourceEvent]
+
+
+def _load(folder: Path) -> tuple[_Export, CameraIntrinsics | None, dict[str, Any]]:
+    """Parse and check an export: the data, the camera model and info.json (or {})."""
+    if not folder.is_dir():
+        raise SourceError(f"{folder}: not a folder")
+    video = _find_video(folder)
+    gaze = _read_gaze(folder / "gaze.csv")
+    world_csv = folder / "world_timestamps.csv"
+    frames = _read_csv(world_csv, [_Col(TIMESTAMP_COL, int, "q")], ordered_by=TIMESTAMP_COL)
+    frame_ns = frames[TIMESTAMP_COL]
+    width_px, height_px, video_frames = probe_video(video)
+    if video_frames is not None and video_frames != frame_ns.size:
+        raise SourceError(
+            f"{video}: {video_frames} frames but {world_csv.name} lists {frame_ns.size}"
+        )
+    fixations_csv = folder / "fixations.csv"
+    fixations = (
+        _read_fixations(fixations_csv) if fixations_csv.exists() else _fixations_from_gaze(gaze)
+    )
+    events_csv = folder / "events.csv"
+    events = _read_events(events_csv) if events_csv.exists() else []
+    camera_json = folder / "scene_camera.json"
+    camera = _read_camera(camera_json) if camera_json.exists() else None
+    info_json = folder / "info.json"
+    info = _read_json(info_json) if info_json.exists() else {}
+    for key in ("start_time", "duration"):
+        value = info.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise SourceError(f"{info_json}: '{key}' is {value!r}, expected integer nanoseconds")
+    export = _Export(video, width_px, height_px, frame_ns, gaze, fixations, events)
+    return export, camera, info
+
+
+class CloudExportSource:
+    """A Pupil Cloud "Timeseries Data + Scene Video" export folder, replayed as a source."""
+
+    def __init__(self, path: Path, settings: SourceSettings) -> None:
+        self.uri = str(path)
+        self.stats = SourceStats()
+        self._path = path
+        self._settings = settings
+        self._export: _Export | None = None
+        self._frame_items: Generator[SceneFrame, None, None] | None = None
+
+    async def open(self) -> SourceInfo:
+        """Parse and check every file of the export; raise SourceError naming what is wrong."""
+        # An hour of gaze takes a second or two to parse: off the event loop, which may serve
+        # other clients meanwhile.
+        export, camera, info = await asyncio.to_thread(_load, self._path)
+        gaze_ns, frame_ns = export.gaze.timestamp_ns, export.frame_ns
+        ends_ns = np.concatenate((gaze_ns[:1], gaze_ns[-1:], frame_ns[:1], frame_ns[-1:]))
+        start_ns = info.get("start_time")
+        start_ns = int(ends_ns.min()) if start_ns is None else start_ns
+        duration_ns = info.get("duration")
+        duration_ns = int(ends_ns.max()) - start_ns if duration_ns is None else duration_ns
+        intervals_ns = np.diff(gaze_ns)
+        intervals_ns = intervals_ns[intervals_ns > 0]
+        self._export = export
+        return SourceInfo(
+            uri=self.uri,
+            kind="cloud-export",
+            frame_width_px=export.width_px,
+            frame_height_px=export.height_px,
+            camera=camera,
+            gaze_rate_hz=1e9 / float(np.median(intervals_ns)) if intervals_ns.size else None,
+            frame_count=int(frame_ns.size),
+            start_ns=start_ns,
+            duration_ns=duration_ns,
+            has_fixations=bool(export.fixations),
+        )
+
+    def stream(self) -> AsyncIterator[SourceItem]:
+        """All items in timestamp order, paced as ``settings.pace`` says."""
+        export = self._export
+        if export is None:
+            raise SourceError(f"{self.uri}: stream() called before open()")
+        self._frame_items = self._frames(export)
+        items = merge_by_time(
+            self._gaze_samples(export.gaze), self._frame_items, export.fixations, export.events
+        )
+        return replay(items, self._settings.pace)
+
+    async def close(self) -> None:
+        """Stop the video decoder, if one is running. Safe to call twice."""
+        if self._frame_items is not None:
+            # Closing the generator drops its decoder, whose own generator then closes the file.
+            self._frame_items.close()
+            self._frame_items = None
+
+    def _gaze_samples(self, gaze: _Gaze) -> Iterator[GazeSample]:
+        for begin in range(0, gaze.timestamp_ns.size, _CHUNK_SAMPLES):
+            chunk = slice(begin, begin + _CHUNK_SAMPLES)
+            for t_ns, x_px, y_px, worn in zip(
+                gaze.timestamp_ns[chunk].tolist(),
+                gaze.x_px[chunk].tolist(),
+                gaze.y_px[chunk].tolist(),
+                gaze.worn[chunk].tolist(),
+                strict=True,
+            ):
+                self.stats.gaze_in += 1
+                yield GazeSample(t_ns, x_px, y_px, worn)
+
+    def _frames(self, export: _Export) -> Generator[SceneFrame, None, None]:
+        """Frame i of the video with row i of world_timestamps.csv; the counts must match."""
+        video, frame_ns = export.video, export.frame_ns
+        decoder = decode_frames(video)
+        for index, t_ns in enumerate(frame_ns.tolist()):
+            frame = next(decoder, None)
+            if frame is None:
+                raise SourceError(
+                    f"{video}: {index} frames but world_timestamps.csv lists {frame_ns.size}"
+                )
+            self.stats.frames_in += 1
+            yield SceneFrame(
+                t_ns, index, export.width_px, export.height_px, decode=_lazy_bgr(frame)
+            )
+        if next(decoder, None) is not None:
+            raise SourceError(
+                f"{video}: more frames than the {frame_ns.size} world_timestamps.csv lists"
+            )
