@@ -93,9 +93,9 @@ class CameraIntrinsics:
     distortion: tuple[float, ...]
 
     @classmethod
-    def from_raw(cls, camera_matrix: NDArray[np.float64], distortion: NDArray[np.float64]) -> (
-        CameraIntrinsics
-    ):
+    def from_raw(
+        cls, camera_matrix: NDArray[np.float64], distortion: NDArray[np.float64]
+    ) -> CameraIntrinsics:
         """Build from numpy arrays as the Neon calibration or the realtime API gives them."""
         m = np.asarray(camera_matrix, dtype=np.float64).reshape(3, 3)
         rows = tuple((float(r[0]), float(r[1]), float(r[2])) for r in m)

@@ -85,7 +85,11 @@ class CaptureSettings(BaseSettings):
         "velocity-threshold filter; 'auto': the source's where it has them, else I-VT.",
     )
     ivt_threshold_deg_s: float = Field(
-        30.0, gt=0, description="I-VT: gaze slower than this (degrees/s) is fixating."
+        100.0,
+        gt=0,
+        description="I-VT: gaze slower than this (degrees/s, in the scene camera) is fixating. "
+        "Higher than the 30 deg/s of head-fixed trackers: while the head turns, a fixation "
+        "moves across the head-worn camera's image (100 agrees best with Neon's own detector).",
     )
     ivt_window_ms: float = Field(
         20.0, gt=0, description="I-VT: gaze velocity is measured over this window."

@@ -46,17 +46,22 @@ def decode_frames(path: Path) -> Iterator[av.VideoFrame]:
 class VideoWriter:
     """Write BGR frames to an H.264 MP4 that stays readable if the process dies mid-write.
 
-    The MP4 is fragmented (``frag_keyframe+empty_moov``): each keyframe starts a fragment that
-    is complete on disk, so a crash loses at most the last second, not the whole file.
+    By default the MP4 is fragmented (``frag_keyframe+empty_moov``): each keyframe starts a
+    fragment that is complete on disk, so a crash loses at most the last second, not the whole
+    file. ``fragmented=False`` writes a plain MP4 as the Neon Companion app does (Pupil Labs'
+    video reader seeks to the wrong frame in fragmented files).
     """
 
-    def __init__(self, path: Path, width_px: int, height_px: int, fps: float = 30.0) -> None:
+    def __init__(
+        self, path: Path, width_px: int, height_px: int, fps: float = 30.0, fragmented: bool = True
+    ) -> None:
         self.path = path
         self.frames_written = 0
-        self._container = av.open(
-            str(path), mode="w", options={"movflags": "frag_keyframe+empty_moov"}
+        options = {"movflags": "frag_keyframe+empty_moov"} if fragmented else {}
+        self._container = av.open(str(path), mode="w", options=options)
+        self._stream = self._container.add_stream(
+            "libx264", rate=Fraction(fps).limit_denominator(1000)
         )
-        self._stream = self._container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
         self._stream.width = width_px
         self._stream.height = height_px
         self._stream.pix_fmt = "yuv420p"

@@ -18,7 +18,7 @@ __all__ = ["Source", "SourceStats", "detect_folder_format", "open_source"]
 
 
 def detect_folder_format(path: Path) -> str:
-    """Tell a Neon native recording ('neon-recording') from a Pupil Cloud export ('cloud-export')."""
+    """'neon-recording' for a Neon native recording, 'cloud-export' for a Pupil Cloud export."""
     if not path.exists():
         raise SourceError(f"{path}: no such file or folder")
     if not path.is_dir():

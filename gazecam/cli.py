@@ -1,0 +1,192 @@
+"""The ``gazecam`` command line. Flags map onto the settings models (``gazecam.settings``).
+
+Errors gazecam raises on purpose, and invalid flag values, end the command with one line on
+stderr and exit code 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand
+from tqdm import tqdm
+
+from gazecam import __version__
+from gazecam.capture import Capture, CaptureResult, capture
+from gazecam.errors import GazecamError
+from gazecam.export import CropWriter
+from gazecam.records import CropMode
+from gazecam.settings import CaptureSettings, Pace, SourceSettings
+from gazecam.sources import open_source
+
+SOURCE_HELP = (
+    "A Neon recording or Pupil Cloud export folder, neon://auto, neon://HOST[:PORT], "
+    "or synthetic:NAME (e.g. synthetic:demo)."
+)
+
+
+# Settings fields that a flag of another name sets, for naming both in an error.
+_FLAG_FOR_SETTING = {
+    "crop_size_px": "size",
+    "keyframes_per_s": "fps",
+    "crop_mode": "mode",
+    "thumbnail_px": "thumbnail",
+    "fixation_detector": "fixations",
+}
+
+
+def _overrides(**flags: Any) -> dict[str, Any]:
+    """The flags the user gave (None means: keep the setting from the environment/default)."""
+    return {key: value for key, value in flags.items() if value is not None}
+
+
+class CropsCommand(BaseModel):
+    """Cut 448×448 gaze-centred crops at fixation keyframes: DIR/crops/NNNNNN.jpg,
+    DIR/crops.jsonl, DIR/contact_sheet.jpg and DIR/summary.json."""
+
+    source: CliPositionalArg[str] = Field(description=SOURCE_HELP)
+    out: Path = Field(description="Output folder (created if missing).")
+    size: int | None = Field(None, description="Crop side in pixels [GAZECAM_CROP_SIZE_PX, 448].")
+    fps: float | None = Field(
+        None, description="At most this many keyframes per second [GAZECAM_KEYFRAMES_PER_S, 1]."
+    )
+    mode: CropMode | None = Field(
+        None, description="gaze, or the baselines center and full [GAZECAM_CROP_MODE, gaze]."
+    )
+    thumbnail: int | None = Field(
+        None,
+        description="Also write a whole-frame thumbnail this wide [GAZECAM_THUMBNAIL_PX, 0=off].",
+    )
+    fixations: Literal["auto", "source", "ivt"] | None = Field(
+        None, description="Fixation detector [GAZECAM_FIXATION_DETECTOR, auto]."
+    )
+    pace: Pace | None = Field(None, description="Replay pacing [GAZECAM_PACE, fast].")
+    force: bool = Field(False, description="Replace the crops of an earlier run in the folder.")
+
+    def cli_cmd(self) -> None:
+        """Run the command."""
+        capture_settings = CaptureSettings(
+            **_overrides(
+                crop_size_px=self.size,
+                keyframes_per_s=self.fps,
+                crop_mode=self.mode,
+                thumbnail_px=self.thumbnail,
+                fixation_detector=self.fixations,
+            )
+        )
+        source_settings = SourceSettings(**_overrides(pace=self.pace))
+        summary = asyncio.run(
+            write_crops(self.source, self.out, capture_settings, source_settings, self.force)
+        )
+        print(
+            f"{summary['crops']} crops from {summary['frames']} frames "
+            f"({summary['no_gaze']} without gaze, {summary['not_worn']} not worn) "
+            f"-> {self.out}"
+        )
+
+
+class RecordCommand(BaseModel):
+    """Record a (live) source to a folder in Pupil Cloud export format, which replays as a source.
+    Stop with Ctrl-C; everything recorded until then is kept."""
+
+    source: CliPositionalArg[str] = Field(description=SOURCE_HELP)
+    out: Path = Field(description="New (or empty) folder to record into.")
+
+    def cli_cmd(self) -> None:
+        """Run the command."""
+        from gazecam.recorder import record
+
+        source = open_source(self.source, SourceSettings(pace="realtime"))
+        with tqdm(unit="frame", desc="recording", disable=None) as bar:
+            summary = asyncio.run(
+                record(source, self.out, on_progress=lambda s: bar.update(s.frames - bar.n))
+            )
+        print(
+            f"recorded {summary.frames} frames and {summary.gaze_samples} gaze samples "
+            f"-> {self.out}"
+        )
+
+
+class Gazecam(BaseSettings, cli_prog_name="gazecam", cli_kebab_case=True):
+    """gazecam: a real-time assistant for Pupil Labs Neon eye-tracking glasses."""
+
+    crops: CliSubCommand[CropsCommand]
+    record: CliSubCommand[RecordCommand]
+
+    def cli_cmd(self) -> None:
+        """Run the chosen subcommand."""
+        CliApp.run_subcommand(self)
+
+
+async def write_crops(
+    address: str,
+    out_dir: Path,
+    capture_settings: CaptureSettings,
+    source_settings: SourceSettings,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Replay a source through the capture pipeline and write its keyframe crops to ``out_dir``.
+
+    Returns the run's summary (also written as ``summary.json``, even when the run fails
+    midway: the crops written until then stay).
+    """
+    source = open_source(address, source_settings)
+    info = await source.open()
+    try:
+        writer = CropWriter(out_dir, info.start_ns, overwrite)
+        core = Capture(info, capture_settings)
+        error: str | None = None
+        try:
+            with tqdm(total=info.frame_count, unit="frame", desc="crops", disable=None) as bar:
+                async for result in capture(source, info, capture_settings, core):
+                    if isinstance(result, CaptureResult):
+                        bar.update(1)
+                        if result.crop is not None:
+                            writer.write(result.crop)
+        except BaseException as exc:
+            error = str(exc) or type(exc).__name__
+            raise
+        finally:
+            summary: dict[str, Any] = {
+                "source": address,
+                "source_kind": info.kind,
+                "crops": writer.count,
+                **vars(core.counts),
+                "frames_dropped": source.stats.frames_dropped,
+                "settings": capture_settings.model_dump(),
+                "gazecam_version": __version__,
+                "error": error,
+            }
+            writer.close(summary)
+    finally:
+        await source.close()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``gazecam`` console script; returns the exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        CliApp.run(Gazecam, cli_args=args)
+    except GazecamError as exc:
+        print(f"gazecam: error: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        for err in exc.errors():
+            name = str(err["loc"][-1]) if err["loc"] else "input"
+            flag = "--" + _FLAG_FOR_SETTING.get(name, name).replace("_", "-")
+            where = f"{flag} / GAZECAM_{name.upper()}" if name in _FLAG_FOR_SETTING else flag
+            print(f"gazecam: error: {where}: {err['msg']}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gazecam: interrupted; everything written so far is kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""A synthetic source: a rendered workbench scene and a gaze track over it, for the demo and tests.
+
+The scene is a textured canvas larger than the frame with labelled panels; the camera pans
+slowly (head motion), and the gaze fixates panel targets in turn, with fixational jitter and
+minimum-jerk saccades between them, at Neon's rates (scene 30 Hz, gaze 200 Hz). Everything is
+generated from a fixed seed, so a scene and its ground-truth fixations are reproducible.
+Each frame carries a burnt-in timecode and a 16-bit frame code (white/black blocks along the
+bottom edge) so that a test can tell which frame it is looking at, even after video coding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+
+from gazecam.errors import ConfigError
+from gazecam.records import BGRImage, Fixation, GazeSample, SceneFrame, SourceInfo, SourceItem
+from gazecam.settings import SourceSettings
+from gazecam.sources.base import SourceStats, merge_by_time, replay
+
+FRAME_SIZE_PX = (1600, 1200)  # Neon scene camera
+FRAME_RATE_HZ = 30.0
+GAZE_RATE_HZ = 200.0
+START_NS = 1_760_000_000_000_000_000  # a fixed epoch, so runs are reproducible
+FRAME_CODE_BITS = 16
+FRAME_CODE_BLOCK_PX = 24
+_PAN_AMPLITUDE_PX = (120.0, 60.0)
+_PAN_PERIOD_S = (17.0, 11.0)
+_MARGIN_PX = 200  # canvas border beyond the frame, covers the pan
+
+DEMO_PANELS = (
+    "1 REMOVE COVER",
+    "2 CHECK FUSE",
+    "3 CONNECT CABLE",
+    "4 SET DIAL TO 5",
+    "5 PRESS RESET",
+    "6 CLOSE COVER",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class GazeTrack:
+    """Gaze in frame pixels, arrays of shape (N,), and the fixations that made it."""
+
+    timestamp_ns: NDArray[np.int64]
+    x_px: NDArray[np.float64]
+    y_px: NDArray[np.float64]
+    worn: NDArray[np.bool_]
+    fixations: tuple[Fixation, ...]
+
+
+class DemoScene:
+    """The 'demo' workbench scene; renders frame i at time t and generates its gaze track."""
+
+    def __init__(self, duration_s: float, seed: int = 7) -> None:
+        self.duration_s = duration_s
+        self.width_px, self.height_px = FRAME_SIZE_PX
+        self._rng = np.random.default_rng(seed)
+        self.canvas, self.targets_world_px = self._draw_canvas()
+
+    def _draw_canvas(self) -> tuple[BGRImage, list[tuple[float, float]]]:
+        h, w = self.height_px + 2 * _MARGIN_PX, self.width_px + 2 * _MARGIN_PX
+        # Low-contrast blurred noise, so that every crop of the scene is unique.
+        noise = self._rng.integers(0, 256, size=(h // 8, w // 8, 3), dtype=np.uint8)
+        smooth = cv2.resize(noise, (w, h), interpolation=cv2.INTER_CUBIC)
+        canvas = np.asarray(smooth // 4 + 150, dtype=np.uint8)
+        targets = []
+        for i, label in enumerate(DEMO_PANELS):
+            col, row = i % 3, i // 3
+            x0 = _MARGIN_PX + 120 + col * 480
+            y0 = _MARGIN_PX + 200 + row * 480
+            cv2.rectangle(canvas, (x0, y0), (x0 + 400, y0 + 300), (245, 245, 245), -1)
+            cv2.rectangle(canvas, (x0, y0), (x0 + 400, y0 + 300), (40, 40, 40), 4)
+            cv2.putText(
+                canvas,
+                label,
+                (x0 + 20, y0 + 160),
+                cv2.FONT_HERSHEY_SIMPLEX,
+                1.1,
+                (20, 20, 20),
+                3,
+                cv2.LINE_AA,
+            )
+            cv2.circle(canvas, (x0 + 200, y0 + 240), 28, (30, 60 + 30 * i, 200), -1)
+            targets.append((x0 + 200.0, y0 + 150.0))
+        return canvas, targets
+
+    def camera_offset_px(self, t_s: float) -> tuple[float, float]:
+        """Top-left corner of the frame on the canvas at time t (the head's slow pan)."""
+        ax, ay = _PAN_AMPLITUDE_PX
+        px, py = _PAN_PERIOD_S
+        return (
+            _MARGIN_PX + ax * math.sin(2 * math.pi * t_s / px),
+            _MARGIN_PX + ay * math.sin(2 * math.pi * t_s / py),
+        )
+
+    def render(self, index: int, t_s: float) -> BGRImage:
+        """Frame ``index``, ``t_s`` seconds into the scene, (1200, 1600, 3) BGR."""
+        ox, oy = self.camera_offset_px(t_s)
+        x, y = round(ox), round(oy)
+        frame: BGRImage = self.canvas[y : y + self.height_px, x : x + self.width_px].copy()
+        label = f"#{index}  t={t_s:7.3f} s"
+        cv2.putText(frame, label, (20, 40), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (0, 0, 0), 2)
+        draw_frame_code(frame, index)
+        return frame
+
+    def gaze_track(self, rate_hz: float = GAZE_RATE_HZ) -> GazeTrack:
+        """Fixations on panel targets joined by minimum-jerk saccades, in frame pixels.
+
+        The eyes hold a world target while the head pans (the frame-space gaze drifts with the
+        pan, as with the vestibulo-ocular reflex). One second in the middle is 'not worn'.
+        """
+        n = int(self.duration_s * rate_hz)
+        t_s = np.arange(n) / rate_hz
+        world = np.zeros((n, 2))
+        fixations: list[Fixation] = []
+        current = self._rng.integers(len(self.targets_world_px))
+        pos = np.array(self.targets_world_px[current])
+        i = 0
+        while i < n:
+            fix_n = int(self._rng.uniform(0.25, 0.9) * rate_hz)
+            jitter = self._rng.normal(0, 2.0, size=(fix_n, 2))  # ~0.15° fixational jitter
+            world[i : i + fix_n] = pos + jitter[: n - i]
+            end = min(i + fix_n, n) - 1
+            fixations.append(
+                Fixation(START_NS + round(t_s[i] * 1e9), START_NS + round(t_s[end] * 1e9), 0.0, 0.0)
+            )
+            i += fix_n
+            current = (current + 1 + self._rng.integers(len(self.targets_world_px) - 1)) % len(
+                self.targets_world_px
+            )
+            target = np.array(self.targets_world_px[current]) + self._rng.normal(0, 15, 2)
+            sac_n = int(self._rng.uniform(0.03, 0.06) * rate_hz)
+            s = np.linspace(0, 1, sac_n + 2)[1:-1, None]
+            world[i : i + sac_n] = (pos + (target - pos) * (10 * s**3 - 15 * s**4 + 6 * s**5))[
+                : max(0, n - i)
+            ]
+            i += sac_n
+            pos = target
+        offsets = np.array([self.camera_offset_px(t) for t in t_s])
+        frame_xy = world - offsets
+        worn = np.ones(n, dtype=np.bool_)
+        mid = int(n / 2)
+        worn[mid : mid + int(rate_hz)] = False
+        timestamps = START_NS + np.round(t_s * 1e9).astype(np.int64)
+        # Report each fixation at its mean frame-space position, as a detector would.
+        placed = []
+        for f in fixations:
+            sel = (timestamps >= f.start_ns) & (timestamps <= f.end_ns)
+            mx, my = frame_xy[sel].mean(axis=0)
+            placed.append(Fixation(f.start_ns, f.end_ns, float(mx), float(my)))
+        return GazeTrack(timestamps, frame_xy[:, 0], frame_xy[:, 1], worn, tuple(placed))
+
+
+def draw_frame_code(image: BGRImage, index: int) -> None:
+    """Burn the frame index into the bottom-left corner as 16 white (1) / black (0) blocks."""
+    b = FRAME_CODE_BLOCK_PX
+    y0 = image.shape[0] - b
+    for bit in range(FRAME_CODE_BITS):
+        value = 255 if (index >> bit) & 1 else 0
+        image[y0:, bit * b : (bit + 1) * b] = value
+
+
+def read_frame_code(image: BGRImage) -> int:
+    """Read back the index burnt in by ``draw_frame_code`` (robust to video coding)."""
+    b = FRAME_CODE_BLOCK_PX
+    row = image[image.shape[0] - b // 2, :, :].mean(axis=-1)
+    index = 0
+    for bit in range(FRAME_CODE_BITS):
+        if row[bit * b + b // 2] > 127:
+            index |= 1 << bit
+    return index
+
+
+SCENES = {"demo": DemoScene}
+
+
+class SyntheticSource:
+    """``synthetic:NAME``: a rendered scene and its gaze track, replayed like a recording."""
+
+    def __init__(self, address: str, settings: SourceSettings) -> None:
+        self.uri = address
+        self.stats = SourceStats()
+        self._settings = settings
+        name = address.removeprefix("synthetic:")
+        if name not in SCENES:
+            raise ConfigError(f"{address}: unknown synthetic scene (known: {', '.join(SCENES)})")
+        self.scene = SCENES[name](settings.synthetic_duration_s)
+        self.track = self.scene.gaze_track()
+        self._frame_count = int(settings.synthetic_duration_s * FRAME_RATE_HZ)
+
+    async def open(self) -> SourceInfo:
+        """Metadata of the rendered scene."""
+        return SourceInfo(
+            uri=self.uri,
+            kind="synthetic",
+            frame_width_px=self.scene.width_px,
+            frame_height_px=self.scene.height_px,
+            gaze_rate_hz=GAZE_RATE_HZ,
+            frame_count=self._frame_count,
+            start_ns=START_NS,
+            duration_ns=int(self._settings.synthetic_duration_s * 1e9),
+        )
+
+    def frame_timestamps_ns(self) -> NDArray[np.int64]:
+        """Timestamps of the scene frames, shape (frame_count,)."""
+        return START_NS + np.round(np.arange(self._frame_count) * (1e9 / FRAME_RATE_HZ)).astype(
+            np.int64
+        )
+
+    def _frames(self) -> Iterator[SceneFrame]:
+        scene = self.scene
+        for i, ts in enumerate(self.frame_timestamps_ns().tolist()):
+            self.stats.frames_in += 1
+            yield SceneFrame(
+                ts,
+                i,
+                scene.width_px,
+                scene.height_px,
+                decode=partial(scene.render, i, (ts - START_NS) / 1e9),
+            )
+
+    def _gaze(self) -> Iterator[GazeSample]:
+        t = self.track
+        for ts, x, y, worn in zip(
+            t.timestamp_ns.tolist(), t.x_px.tolist(), t.y_px.tolist(), t.worn.tolist(), strict=True
+        ):
+            self.stats.gaze_in += 1
+            yield GazeSample(ts, x, y, worn)
+
+    def stream(self) -> AsyncIterator[SourceItem]:
+        """Frames and gaze in time order, paced as the settings say."""
+        return replay(merge_by_time(self._gaze(), self._frames()), self._settings.pace)
+
+    async def close(self) -> None:
+        """Nothing to release."""

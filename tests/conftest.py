@@ -1,0 +1,51 @@
+"""Shared fixtures: the real neon-demo recording, with a scene video rendered at its timestamps.
+
+The recording in ../shared/recordings/neon-demo lost its videos; as its SOURCE.md says, we render
+frames at the real scene timestamps (same 1600×1200 geometry) so that the gaze, fixation and
+timing data stay real. Each frame carries its index as a frame code (see
+``gazecam.sources.synthetic.draw_frame_code``), so tests can check which frame they got.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gazecam.sources.synthetic import DemoScene
+from gazecam.video import VideoWriter
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+NEON_DEMO = SHARED / "recordings" / "neon-demo"
+SCENE_TIME = "Neon Scene Camera v1 ps1.time"
+SCENE_VIDEO = "Neon Scene Camera v1 ps1.mp4"
+
+
+def copy_recording(dest: Path) -> Path:
+    """A writable copy of the neon-demo recording (the shared one is read-only)."""
+    if not NEON_DEMO.is_dir():
+        pytest.skip(f"{NEON_DEMO} is missing (CI provides ../shared beside the repo)")
+    shutil.copytree(NEON_DEMO, dest, copy_function=shutil.copyfile)
+    return dest
+
+
+def render_scene_video(recording: Path, frames: int | None = None) -> None:
+    """Write the recording's scene video: DemoScene frames at its scene timestamps."""
+    ts = np.fromfile(recording / SCENE_TIME, dtype="<i8")
+    scene = DemoScene(duration_s=(ts[-1] - ts[0]) / 1e9 + 1)
+    # A plain MP4, as the Companion app writes it (see VideoWriter).
+    video = recording / SCENE_VIDEO
+    with VideoWriter(video, scene.width_px, scene.height_px, fps=30, fragmented=False) as writer:
+        for i, t in enumerate(ts[:frames].tolist()):
+            writer.write(scene.render(i, (t - ts[0]) / 1e9))
+
+
+@pytest.fixture(scope="session")
+def neon_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The neon-demo recording with a rendered scene video (made once per test session)."""
+    recording = copy_recording(tmp_path_factory.mktemp("neon") / "neon-demo")
+    render_scene_video(recording)
+    return recording
