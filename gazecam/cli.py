@@ -45,8 +45,7 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 
 
 class CropsCommand(BaseModel):
-    """Cut 448×448 gaze-centred crops at fixation keyframes: DIR/crops/NNNNNN.jpg,
-    DIR/crops.jsonl, DIR/contact_sheet.jpg and DIR/summary.json."""
+    """Cut foveal crops at fixation keyframes: OUT/crops/, crops.jsonl, contact_sheet.jpg."""
 
     source: CliPositionalArg[str] = Field(description=SOURCE_HELP)
     out: Path = Field(description="Output folder (created if missing).")
@@ -90,8 +89,7 @@ class CropsCommand(BaseModel):
 
 
 class RecordCommand(BaseModel):
-    """Record a (live) source to a folder in Pupil Cloud export format, which replays as a source.
-    Stop with Ctrl-C; everything recorded until then is kept."""
+    """Record a source (live glasses) to a folder that replays as a source; Ctrl-C stops."""
 
     source: CliPositionalArg[str] = Field(description=SOURCE_HELP)
     out: Path = Field(description="New (or empty) folder to record into.")
@@ -111,7 +109,13 @@ class RecordCommand(BaseModel):
         )
 
 
-class Gazecam(BaseSettings, cli_prog_name="gazecam", cli_kebab_case=True):
+class Gazecam(
+    BaseSettings,
+    cli_prog_name="gazecam",
+    cli_kebab_case=True,
+    cli_implicit_flags=True,
+    cli_hide_none_type=True,
+):
     """gazecam: a real-time assistant for Pupil Labs Neon eye-tracking glasses."""
 
     crops: CliSubCommand[CropsCommand]

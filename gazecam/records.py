@@ -34,7 +34,8 @@ class SceneFrame:
     """One scene-camera frame; its pixels are decoded or converted only when asked for.
 
     Decoding a 1600×1200 frame to BGR costs milliseconds, and most frames are never cropped,
-    so a source hands over a ``decode`` callable instead of the pixels.
+    so a source hands over a ``decode`` callable instead of the pixels. It works while the
+    source is open.
     """
 
     timestamp_ns: int

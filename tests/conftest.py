@@ -32,15 +32,20 @@ def copy_recording(dest: Path) -> Path:
     return dest
 
 
-def render_scene_video(recording: Path, frames: int | None = None) -> None:
-    """Write the recording's scene video: DemoScene frames at its scene timestamps."""
-    ts = np.fromfile(recording / SCENE_TIME, dtype="<i8")
+def render_scene_video(
+    recording: Path, frames: int | None = None, part: int = 1, first_index: int = 0
+) -> None:
+    """Write part ``part``'s scene video: DemoScene frames at that part's scene timestamps.
+
+    ``first_index`` is the index of the part's first frame in the whole recording.
+    """
+    ts = np.fromfile(recording / SCENE_TIME.replace("ps1", f"ps{part}"), dtype="<i8")
     scene = DemoScene(duration_s=(ts[-1] - ts[0]) / 1e9 + 1)
     # A plain MP4, as the Companion app writes it (see VideoWriter).
-    video = recording / SCENE_VIDEO
+    video = recording / SCENE_VIDEO.replace("ps1", f"ps{part}")
     with VideoWriter(video, scene.width_px, scene.height_px, fps=30, fragmented=False) as writer:
         for i, t in enumerate(ts[:frames].tolist()):
-            writer.write(scene.render(i, (t - ts[0]) / 1e9))
+            writer.write(scene.render(first_index + i, (t - ts[0]) / 1e9))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,130 @@
+"""The Neon native recording source, on the real neon-demo recording with a rendered video."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gazecam.errors import SourceError
+from gazecam.records import Fixation, GazeSample, SceneFrame, SourceEvent
+from gazecam.settings import SourceSettings
+from gazecam.sources import open_source
+from gazecam.sources.base import item_time_ns
+from gazecam.sources.synthetic import read_frame_code
+from tests.conftest import SCENE_TIME, SCENE_VIDEO, copy_recording, render_scene_video
+
+
+async def test_info_and_items(neon_demo: Path) -> None:
+    source = open_source(str(neon_demo))
+    info = await source.open()
+    assert info.kind == "neon-recording"
+    assert (info.frame_width_px, info.frame_height_px, info.frame_count) == (1600, 1200, 292)
+    assert info.gaze_rate_hz == pytest.approx(200.0)
+    assert info.camera is not None and info.camera.camera_matrix[0][0] == pytest.approx(
+        888.41, abs=0.01
+    )
+    assert info.start_ns == 1760676788219000000 and info.duration_ns == 12443000000
+    assert info.has_fixations
+    items = [item async for item in source.stream()]
+    assert [item_time_ns(i) for i in items] == sorted(item_time_ns(i) for i in items)
+    frames = [i for i in items if isinstance(i, SceneFrame)]
+    gaze = [i for i in items if isinstance(i, GazeSample)]
+    fixations = [i for i in items if isinstance(i, Fixation)]
+    assert (len(frames), len(gaze), len(fixations)) == (292, 1788, 23)
+    assert frames[0].timestamp_ns == int(np.fromfile(neon_demo / SCENE_TIME, "<i8")[0])
+    assert all(g.worn for g in gaze)
+    assert gaze[0].timestamp_ns == 1760676790465965534
+    assert [e.name for e in items if isinstance(e, SourceEvent)] == [
+        "recording.begin",
+        "recording.end",
+    ]
+    assert source.stats.frames_in == 292 and source.stats.gaze_in == 1788
+    # Lazily decoded frames are the right ones, in and out of order.
+    for i in (5, 100, 291, 17):
+        assert read_frame_code(frames[i].bgr()) == i
+    await source.close()
+
+
+@pytest.fixture
+def broken(tmp_path: Path) -> Path:
+    return copy_recording(tmp_path / "rec")
+
+
+async def test_missing_video_is_named(broken: Path) -> None:
+    with pytest.raises(SourceError, match=f"{broken}: no scene video .*ps1.mp4' is missing"):
+        await open_source(str(broken)).open()
+
+
+async def test_video_shorter_than_its_timestamps(broken: Path) -> None:
+    render_scene_video(broken, frames=250)
+    with pytest.raises(
+        SourceError, match="scene video has 250 frames but its timestamp files list 292"
+    ):
+        await open_source(str(broken)).open()
+
+
+async def test_gaze_out_of_order_is_named(broken: Path) -> None:
+    time_file = broken / "gaze_200hz.time"
+    ts = np.fromfile(time_file, "<i8")
+    ts[100], ts[101] = ts[101], ts[100]
+    ts.tofile(time_file)
+    render_scene_video(broken, frames=3)
+    with pytest.raises(
+        SourceError, match=r"gaze_200hz.time: timestamps out of order at index 101$"
+    ):
+        await open_source(str(broken)).open()
+
+
+async def test_recording_without_gaze(broken: Path) -> None:
+    for f in [*broken.glob("gaze*"), *broken.glob("worn*")]:
+        f.unlink()
+    with pytest.raises(SourceError, match=f"{broken}: neither a Neon recording"):
+        open_source(str(broken))
+    (broken / "gaze ps1.raw").write_bytes(b"")
+    (broken / "gaze ps1.time").write_bytes(b"")
+    with pytest.raises(SourceError, match="the recording has no gaze samples"):
+        await open_source(str(broken)).open()
+
+
+async def test_corrupt_video_is_named(broken: Path) -> None:
+    (broken / SCENE_VIDEO).write_bytes(b"\x00" * 4096)
+    with pytest.raises(SourceError, match="cannot load its scene"):
+        await open_source(str(broken)).open()
+
+
+async def test_multipart_recordings_are_joined(tmp_path: Path, neon_demo: Path) -> None:
+    """A recording in two parts (ps1, ps2) reads as one, frames and timestamps in order."""
+    rec = tmp_path / "two-parts"
+    shutil.copytree(neon_demo, rec, copy_function=shutil.copyfile)
+    ts = np.fromfile(rec / SCENE_TIME, "<i8")
+    ts[:150].tofile(rec / SCENE_TIME)
+    ts[150:].tofile(rec / SCENE_TIME.replace("ps1", "ps2"))
+    (rec / SCENE_VIDEO).unlink()
+    render_scene_video(rec, part=1)
+    render_scene_video(rec, part=2, first_index=150)
+    source = open_source(str(rec))
+    await source.open()
+    frames = [i async for i in source.stream() if isinstance(i, SceneFrame)]
+    assert len(frames) == 292
+    assert [f.timestamp_ns for f in frames] == ts.tolist()
+    assert [read_frame_code(frames[i].bgr()) for i in (149, 150, 200)] == [149, 150, 200]
+    await source.close()
+
+
+async def test_realtime_pacing_takes_recording_time(neon_demo: Path) -> None:
+    source = open_source(str(neon_demo), SourceSettings(pace="realtime"))
+    await source.open()
+    t0 = time.monotonic()
+    first = last = None
+    async for item in source.stream():
+        first = first or item_time_ns(item)
+        last = item_time_ns(item)
+        if last - first >= 300_000_000:
+            break
+    elapsed_s = time.monotonic() - t0
+    await source.close()
+    assert elapsed_s >= 0.29  # released no faster than recorded
