@@ -115,8 +115,7 @@ def synthetic_items(frames: int, pool_size: int = 8) -> tuple[SourceInfo, list[S
         SceneFrame(t, i, w, h, decode=constant(pool[i % pool_size]))
         for i, t in enumerate(frame_ts.tolist())
     ]
-    columns = (track.timestamp_ns, track.x_px, track.y_px, track.worn)
-    gaze = [GazeSample(*row) for row in zip(*(c.tolist() for c in columns), strict=True)]
+    gaze = list(track.gaze.samples())
     info = SourceInfo("synthetic:demo", "synthetic", w, h, gaze_rate_hz=200.0, frame_count=frames)
     return info, list(merge_by_time(gaze, scene_frames))
 

@@ -7,7 +7,7 @@ on the clock of the machine that runs gazecam (live sources convert the glasses'
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -27,6 +27,36 @@ class GazeSample:
     x_px: float
     y_px: float
     worn: bool
+
+
+@dataclass(frozen=True, slots=True)
+class GazeArrays:
+    """Many gaze samples (a recording's), as arrays of shape (N,) sorted by time."""
+
+    timestamp_ns: NDArray[np.int64]
+    x_px: NDArray[np.float64]
+    y_px: NDArray[np.float64]
+    worn: NDArray[np.bool_]
+
+    def rate_hz(self) -> float | None:
+        """The sampling rate, from the median interval; None with fewer than two samples."""
+        intervals_ns = np.diff(self.timestamp_ns)
+        intervals_ns = intervals_ns[intervals_ns > 0]
+        return 1e9 / float(np.median(intervals_ns)) if intervals_ns.size else None
+
+    def samples(self) -> Iterator[GazeSample]:
+        """The samples one by one, converted in chunks so an hour of gaze is not one big list."""
+        chunk_samples = 4096
+        for begin in range(0, self.timestamp_ns.size, chunk_samples):
+            chunk = slice(begin, begin + chunk_samples)
+            for t_ns, x_px, y_px, worn in zip(
+                self.timestamp_ns[chunk].tolist(),
+                self.x_px[chunk].tolist(),
+                self.y_px[chunk].tolist(),
+                self.worn[chunk].tolist(),
+                strict=True,
+            ):
+                yield GazeSample(t_ns, x_px, y_px, worn)
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,8 +70,8 @@ async def test_synthetic_scene_end_to_end() -> None:
 
 async def test_no_crop_and_no_gaze_point_while_the_glasses_are_off() -> None:
     _, core, results, _, source, _ = await run("synthetic:demo", CaptureSettings())
-    off = ~source.track.worn
-    t_off = source.track.timestamp_ns[off]
+    off = ~source.track.gaze.worn
+    t_off = source.track.gaze.timestamp_ns[off]
     during = [
         r for r in results if t_off[0] + 10**7 < r.matched.frame.timestamp_ns < t_off[-1] - 10**7
     ]

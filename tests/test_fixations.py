@@ -52,21 +52,18 @@ def interval_mask(ts: np.ndarray, fixations: list[Fixation]) -> np.ndarray:
 
 def test_ivt_finds_the_synthetic_fixations() -> None:
     track = DemoScene(duration_s=20).gaze_track()
-    samples = [
-        GazeSample(int(t), float(x), float(y), bool(w))
-        for t, x, y, w in zip(track.timestamp_ns, track.x_px, track.y_px, track.worn, strict=True)
-    ]
-    tracker = run_ivt(samples)
-    truth = interval_mask(track.timestamp_ns, list(track.fixations)) & track.worn
-    found = interval_mask(track.timestamp_ns, list(tracker.completed))
+    gaze = track.gaze
+    tracker = run_ivt(list(gaze.samples()))
+    truth = interval_mask(gaze.timestamp_ns, list(track.fixations)) & gaze.worn
+    found = interval_mask(gaze.timestamp_ns, list(tracker.completed))
     assert (found & truth).sum() / truth.sum() >= 0.9  # recall of fixation time
     assert (found & truth).sum() / found.sum() >= 0.97  # what it calls fixation is fixation
     # Every true fixation long enough to count is found (unless the glasses came off during it,
     # or it is still going on at the end, so has not completed).
     for f in track.fixations:
-        inside = (track.timestamp_ns >= f.start_ns) & (track.timestamp_ns <= f.end_ns)
-        ended = f.end_ns < track.timestamp_ns[-1]
-        if f.end_ns - f.start_ns >= 150 * MS and track.worn[inside].all() and ended:
+        inside = (gaze.timestamp_ns >= f.start_ns) & (gaze.timestamp_ns <= f.end_ns)
+        ended = f.end_ns < gaze.timestamp_ns[-1]
+        if f.end_ns - f.start_ns >= 150 * MS and gaze.worn[inside].all() and ended:
             assert found[inside].mean() > 0.5, f
     # The reported mean position is where the gaze rested.
     first = tracker.completed[0]

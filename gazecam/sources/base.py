@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from gazecam.records import Fixation, SourceInfo, SourceItem
+from gazecam.records import Fixation, GazeSample, SceneFrame, SourceInfo, SourceItem
 from gazecam.settings import Pace
 
 
@@ -75,11 +75,14 @@ def merge_by_time(*streams: Iterable[SourceItem]) -> Iterator[SourceItem]:
 _YIELD_EVERY_ITEMS = 64
 
 
-async def replay(items: Iterable[SourceItem], pace: Pace) -> AsyncIterator[SourceItem]:
+async def replay(
+    items: Iterable[SourceItem], pace: Pace, stats: SourceStats
+) -> AsyncIterator[SourceItem]:
     """Turn a time-sorted iterable into an async stream, paced in real time or as fast as possible.
 
     In 'realtime' pacing an item is released when as much wall time has passed since the first
-    item as recording time has; a consumer that falls behind is not waited for.
+    item as recording time has; a consumer that falls behind is not waited for. Frames and gaze
+    samples are counted in ``stats``.
     """
     t0_item_ns: int | None = None
     t0_wall_ns = 0
@@ -93,4 +96,8 @@ async def replay(items: Iterable[SourceItem], pace: Pace) -> AsyncIterator[Sourc
                 await asyncio.sleep(wait_ns / 1e9)
         elif n % _YIELD_EVERY_ITEMS == 0:
             await asyncio.sleep(0)
+        if isinstance(item, GazeSample):
+            stats.gaze_in += 1
+        elif isinstance(item, SceneFrame):
+            stats.frames_in += 1
         yield item

@@ -14,7 +14,7 @@ import csv
 import json
 import math
 from array import array
-from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from gazecam.records import (
     BGRImage,
     CameraIntrinsics,
     Fixation,
-    GazeSample,
+    GazeArrays,
     SceneFrame,
     SourceEvent,
     SourceInfo,
@@ -39,9 +39,6 @@ from gazecam.sources.base import SourceStats, merge_by_time, replay
 from gazecam.video import decode_frames, probe_video
 
 TIMESTAMP_COL = "timestamp [ns]"
-# Converting this many samples to Python numbers at once keeps the per-sample cost low
-# without materialising a whole recording.
-_CHUNK_SAMPLES = 4096
 _WORN = {"1": 1, "1.0": 1, "true": 1, "0": 0, "0.0": 0, "false": 0}
 
 
@@ -177,18 +174,8 @@ def _read_camera(path: Path) -> CameraIntrinsics:
     return CameraIntrinsics.from_raw(matrix, distortion)
 
 
-@dataclass(frozen=True, slots=True)
-class _Gaze:
-    """gaze.csv as arrays: sample i is (timestamp_ns[i], x_px[i], y_px[i], worn[i])."""
-
-    timestamp_ns: NDArray[np.int64]
-    x_px: NDArray[np.float64]
-    y_px: NDArray[np.float64]
-    worn: NDArray[np.bool_]
-    fixation_id: NDArray[np.int64] | None  # -1: not in a fixation; None: no such column
-
-
-def _read_gaze(path: Path) -> _Gaze:
+def _read_gaze(path: Path) -> tuple[GazeArrays, NDArray[np.int64] | None]:
+    """gaze.csv as arrays, and its fixation ids (-1: not in a fixation; None: no such column)."""
     cols = [
         _Col(TIMESTAMP_COL, int, "q"),
         _Col("gaze x [px]", _parse_finite, "d"),
@@ -200,14 +187,13 @@ def _read_gaze(path: Path) -> _Gaze:
     if not table[TIMESTAMP_COL].size:
         raise SourceError(f"{path}: no gaze samples")
     x_px, y_px, worn = table["gaze x [px]"], table["gaze y [px]"], table["worn"].astype(np.bool_)
-    return _Gaze(table[TIMESTAMP_COL], x_px, y_px, worn, table.get("fixation id"))
+    return GazeArrays(table[TIMESTAMP_COL], x_px, y_px, worn), table.get("fixation id")
 
 
-def _fixations_from_gaze(gaze: _Gaze) -> list[Fixation]:
+def _fixations_from_gaze(gaze: GazeArrays, ids: NDArray[np.int64] | None) -> list[Fixation]:
     """One fixation per run of equal fixation ids: first to last sample, mean position."""
-    if gaze.fixation_id is None:
+    if ids is None:
         return []
-    ids = gaze.fixation_id
     change = np.flatnonzero(np.diff(ids)) + 1
     starts = np.concatenate(([0], change))
     ends = np.concatenate((change, [ids.size]))  # exclusive
@@ -270,7 +256,7 @@ class _Export:
     width_px: int
     height_px: int
     frame_ns: NDArray[np.int64]  # row i of world_timestamps.csv: frame i of the video
-    gaze: _Gaze
+    gaze: GazeArrays
     fixations: list[Fixation]
     events: list[SourceEvent]
 
@@ -280,7 +266,7 @@ def _load(folder: Path) -> tuple[_Export, CameraIntrinsics | None, dict[str, Any
     if not folder.is_dir():
         raise SourceError(f"{folder}: not a folder")
     video = _find_video(folder)
-    gaze = _read_gaze(folder / "gaze.csv")
+    gaze, fixation_ids = _read_gaze(folder / "gaze.csv")
     world_csv = folder / "world_timestamps.csv"
     frames = _read_csv(world_csv, [_Col(TIMESTAMP_COL, int, "q")], ordered_by=TIMESTAMP_COL)
     frame_ns = frames[TIMESTAMP_COL]
@@ -291,7 +277,9 @@ def _load(folder: Path) -> tuple[_Export, CameraIntrinsics | None, dict[str, Any
         )
     fixations_csv = folder / "fixations.csv"
     fixations = (
-        _read_fixations(fixations_csv) if fixations_csv.exists() else _fixations_from_gaze(gaze)
+        _read_fixations(fixations_csv)
+        if fixations_csv.exists()
+        else _fixations_from_gaze(gaze, fixation_ids)
     )
     events_csv = folder / "events.csv"
     events = _read_events(events_csv) if events_csv.exists() else []
@@ -329,8 +317,6 @@ class CloudExportSource:
         start_ns = int(ends_ns.min()) if start_ns is None else start_ns
         duration_ns = info.get("duration")
         duration_ns = int(ends_ns.max()) - start_ns if duration_ns is None else duration_ns
-        intervals_ns = np.diff(gaze_ns)
-        intervals_ns = intervals_ns[intervals_ns > 0]
         self._export = export
         return SourceInfo(
             uri=self.uri,
@@ -338,7 +324,7 @@ class CloudExportSource:
             frame_width_px=export.width_px,
             frame_height_px=export.height_px,
             camera=camera,
-            gaze_rate_hz=1e9 / float(np.median(intervals_ns)) if intervals_ns.size else None,
+            gaze_rate_hz=export.gaze.rate_hz(),
             frame_count=int(frame_ns.size),
             start_ns=start_ns,
             duration_ns=duration_ns,
@@ -352,9 +338,9 @@ class CloudExportSource:
             raise SourceError(f"{self.uri}: stream() called before open()")
         self._frame_items = self._frames(export)
         items = merge_by_time(
-            self._gaze_samples(export.gaze), self._frame_items, export.fixations, export.events
+            export.gaze.samples(), self._frame_items, export.fixations, export.events
         )
-        return replay(items, self._settings.pace)
+        return replay(items, self._settings.pace, self.stats)
 
     async def close(self) -> None:
         """Stop the video decoder, if one is running. Safe to call twice."""
@@ -362,19 +348,6 @@ class CloudExportSource:
             # Closing the generator drops its decoder, whose own generator then closes the file.
             self._frame_items.close()
             self._frame_items = None
-
-    def _gaze_samples(self, gaze: _Gaze) -> Iterator[GazeSample]:
-        for begin in range(0, gaze.timestamp_ns.size, _CHUNK_SAMPLES):
-            chunk = slice(begin, begin + _CHUNK_SAMPLES)
-            for t_ns, x_px, y_px, worn in zip(
-                gaze.timestamp_ns[chunk].tolist(),
-                gaze.x_px[chunk].tolist(),
-                gaze.y_px[chunk].tolist(),
-                gaze.worn[chunk].tolist(),
-                strict=True,
-            ):
-                self.stats.gaze_in += 1
-                yield GazeSample(t_ns, x_px, y_px, worn)
 
     def _frames(self, export: _Export) -> Generator[SceneFrame, None, None]:
         """Frame i of the video with row i of world_timestamps.csv; the counts must match."""
@@ -386,7 +359,6 @@ class CloudExportSource:
                 raise SourceError(
                     f"{video}: {index} frames but world_timestamps.csv lists {frame_ns.size}"
                 )
-            self.stats.frames_in += 1
             yield SceneFrame(
                 t_ns, index, export.width_px, export.height_px, decode=_lazy_bgr(frame)
             )

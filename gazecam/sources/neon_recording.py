@@ -21,7 +21,7 @@ from gazecam.records import (
     BGRImage,
     CameraIntrinsics,
     Fixation,
-    GazeSample,
+    GazeArrays,
     SceneFrame,
     SourceEvent,
     SourceInfo,
@@ -68,13 +68,13 @@ class NeonRecordingSource:
         self._recording = rec
 
         gaze = self._stream(rec, "gaze", required=True)
-        self._gaze_ts = np.asarray(gaze.time, dtype=np.int64)
-        if self._gaze_ts.size == 0:
+        gaze_ts = np.asarray(gaze.time, dtype=np.int64)
+        if gaze_ts.size == 0:
             raise SourceError(f"{path}: the recording has no gaze samples")
         gaze_file = "gaze_200hz.time" if (path / "gaze_200hz.time").exists() else "gaze ps1.time"
-        _check_sorted(self._gaze_ts, str(path / gaze_file))
-        self._gaze_xy = np.asarray(gaze.point, dtype=np.float64)  # (N, 2)
-        self._worn = self._worn_at_gaze(rec)
+        _check_sorted(gaze_ts, str(path / gaze_file))
+        xy = np.asarray(gaze.point, dtype=np.float64)  # (N, 2)
+        self._gaze = GazeArrays(gaze_ts, xy[:, 0], xy[:, 1], self._worn_at(rec, gaze_ts))
 
         frame_ts = self._scene_timestamps()
         _check_sorted(frame_ts, f"{path / (SCENE_BASENAME + ' ps1.time')}")
@@ -118,14 +118,13 @@ class NeonRecordingSource:
             camera = CameraIntrinsics.from_raw(
                 rec.calibration.scene_camera_matrix, rec.calibration.scene_distortion_coefficients
             )
-        intervals_ns = np.diff(self._gaze_ts)
         return SourceInfo(
             uri=self.uri,
             kind="neon-recording",
             frame_width_px=int(scene.width),
             frame_height_px=int(scene.height),
             camera=camera,
-            gaze_rate_hz=1e9 / float(np.median(intervals_ns)) if intervals_ns.size else None,
+            gaze_rate_hz=self._gaze.rate_hz(),
             frame_count=int(frame_ts.size),
             start_ns=int(info.get("start_time") or frame_ts[0]),
             duration_ns=int(info.get("duration") or frame_ts[-1] - frame_ts[0]),
@@ -143,17 +142,17 @@ class NeonRecordingSource:
             log.info("%s: no %s stream (%s)", self._path, name, reason)
             return None
 
-    def _worn_at_gaze(self, rec: Any) -> NDArray[np.bool_]:
+    def _worn_at(self, rec: Any, gaze_ts: NDArray[np.int64]) -> NDArray[np.bool_]:
         worn = self._stream(rec, "worn", required=False)
         if worn is None:
             log.warning("%s: no worn stream; assuming the glasses were worn", self._path)
-            return np.ones(self._gaze_ts.size, dtype=np.bool_)
+            return np.ones(gaze_ts.size, dtype=np.bool_)
         worn_ts = np.asarray(worn.time, dtype=np.int64)
         values = np.asarray(worn.worn) > 0
-        if worn_ts.size == self._gaze_ts.size and np.array_equal(worn_ts, self._gaze_ts):
+        if worn_ts.size == gaze_ts.size and np.array_equal(worn_ts, gaze_ts):
             return values
         # Different clocks (realtime vs 200 Hz streams): take the latest worn state at each sample.
-        idx = np.clip(np.searchsorted(worn_ts, self._gaze_ts, side="right") - 1, 0, None)
+        idx = np.clip(np.searchsorted(worn_ts, gaze_ts, side="right") - 1, 0, None)
         result: NDArray[np.bool_] = values[idx]
         return result
 
@@ -170,29 +169,17 @@ class NeonRecordingSource:
         scene = self._scene
         w, h = int(scene.width), int(scene.height)
         for i, ts in enumerate(self._frame_ts.tolist()):
-            self.stats.frames_in += 1
             yield SceneFrame(ts, i, w, h, decode=partial(self._decode, i))
 
     def _decode(self, index: int) -> BGRImage:
         return np.asarray(self._scene[index].bgr, dtype=np.uint8)
 
-    def _gaze(self) -> Iterator[GazeSample]:
-        xy = self._gaze_xy
-        for ts, x, y, worn in zip(
-            self._gaze_ts.tolist(),
-            xy[:, 0].tolist(),
-            xy[:, 1].tolist(),
-            self._worn.tolist(),
-            strict=True,
-        ):
-            self.stats.gaze_in += 1
-            yield GazeSample(ts, x, y, worn)
-
     def stream(self) -> AsyncIterator[SourceItem]:
         """Gaze, frames, fixations (at their onset) and events, in time order."""
         return replay(
-            merge_by_time(self._gaze(), self._frames(), self._fixations, self._events),
+            merge_by_time(self._gaze.samples(), self._frames(), self._fixations, self._events),
             self._settings.pace,
+            self.stats,
         )
 
     async def close(self) -> None:

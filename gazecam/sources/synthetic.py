@@ -20,7 +20,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gazecam.errors import ConfigError
-from gazecam.records import BGRImage, Fixation, GazeSample, SceneFrame, SourceInfo, SourceItem
+from gazecam.records import BGRImage, Fixation, GazeArrays, SceneFrame, SourceInfo, SourceItem
 from gazecam.settings import SourceSettings
 from gazecam.sources.base import SourceStats, merge_by_time, replay
 
@@ -46,12 +46,9 @@ DEMO_PANELS = (
 
 @dataclass(frozen=True, slots=True)
 class GazeTrack:
-    """Gaze in frame pixels, arrays of shape (N,), and the fixations that made it."""
+    """Gaze in frame pixels, and the fixations that made it (the ground truth)."""
 
-    timestamp_ns: NDArray[np.int64]
-    x_px: NDArray[np.float64]
-    y_px: NDArray[np.float64]
-    worn: NDArray[np.bool_]
+    gaze: GazeArrays
     fixations: tuple[Fixation, ...]
 
 
@@ -155,7 +152,9 @@ class DemoScene:
             sel = (timestamps >= f.start_ns) & (timestamps <= f.end_ns)
             mx, my = frame_xy[sel].mean(axis=0)
             placed.append(Fixation(f.start_ns, f.end_ns, float(mx), float(my)))
-        return GazeTrack(timestamps, frame_xy[:, 0], frame_xy[:, 1], worn, tuple(placed))
+        return GazeTrack(
+            GazeArrays(timestamps, frame_xy[:, 0], frame_xy[:, 1], worn), tuple(placed)
+        )
 
 
 def draw_frame_code(image: BGRImage, index: int) -> None:
@@ -217,7 +216,6 @@ class SyntheticSource:
     def _frames(self) -> Iterator[SceneFrame]:
         scene = self.scene
         for i, ts in enumerate(self.frame_timestamps_ns().tolist()):
-            self.stats.frames_in += 1
             yield SceneFrame(
                 ts,
                 i,
@@ -226,17 +224,13 @@ class SyntheticSource:
                 decode=partial(scene.render, i, (ts - START_NS) / 1e9),
             )
 
-    def _gaze(self) -> Iterator[GazeSample]:
-        t = self.track
-        for ts, x, y, worn in zip(
-            t.timestamp_ns.tolist(), t.x_px.tolist(), t.y_px.tolist(), t.worn.tolist(), strict=True
-        ):
-            self.stats.gaze_in += 1
-            yield GazeSample(ts, x, y, worn)
-
     def stream(self) -> AsyncIterator[SourceItem]:
         """Frames and gaze in time order, paced as the settings say."""
-        return replay(merge_by_time(self._gaze(), self._frames()), self._settings.pace)
+        return replay(
+            merge_by_time(self.track.gaze.samples(), self._frames()),
+            self._settings.pace,
+            self.stats,
+        )
 
     async def close(self) -> None:
         """Nothing to release."""

@@ -35,7 +35,7 @@ async def test_info_rates_and_order() -> None:
 
 def test_the_scene_is_reproducible() -> None:
     a, b = DemoScene(5.0).gaze_track(), DemoScene(5.0).gaze_track()
-    np.testing.assert_array_equal(a.x_px, b.x_px)
+    np.testing.assert_array_equal(a.gaze.x_px, b.gaze.x_px)
     np.testing.assert_array_equal(DemoScene(5.0).render(3, 0.1), DemoScene(5.0).render(3, 0.1))
 
 
