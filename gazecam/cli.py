@@ -93,12 +93,15 @@ class RecordCommand(BaseModel):
 
     source: CliPositionalArg[str] = Field(description=SOURCE_HELP)
     out: Path = Field(description="New (or empty) folder to record into.")
+    pace: Pace | None = Field(
+        None, description="Pacing of a recorded or synthetic source [GAZECAM_PACE, fast]."
+    )
 
     def cli_cmd(self) -> None:
         """Run the command."""
         from gazecam.recorder import record
 
-        source = open_source(self.source, SourceSettings(pace="realtime"))
+        source = open_source(self.source, SourceSettings(**_overrides(pace=self.pace)))
         with tqdm(unit="frame", desc="recording", disable=None) as bar:
             summary = asyncio.run(
                 record(source, self.out, on_progress=lambda s: bar.update(s.frames - bar.n))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import time
 import uuid
@@ -20,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-import cv2
 import numpy as np
 from numpy.typing import NDArray
 
 from gazecam import __version__
 from gazecam.errors import ConfigError, SourceError
+from gazecam.fixations import GazeAngles
 from gazecam.records import Fixation, GazeSample, SceneFrame, SourceInfo, SourceItem
 from gazecam.sources.base import Source, item_time_ns
 from gazecam.video import VideoWriter
@@ -38,8 +37,6 @@ VIDEO_NAME = "scene.mp4"
 # world_timestamps.csv. Neon's scene camera runs at 30 Hz.
 _VIDEO_FPS = 30.0
 _FLUSH_INTERVAL_S = 1.0
-# Neon's scene camera field of view, for sources that do not know their intrinsics.
-_NEON_FOV_DEG = (103.0, 77.0)
 
 _ANGLE_COLUMNS = ["azimuth [deg]", "elevation [deg]"]
 _IDS = ["section id", "recording id"]
@@ -60,28 +57,13 @@ class RecordSummary:
     duration_ns: int
 
 
-def _camera_model(info: SourceInfo) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """Camera matrix and distortion: the source's, else a pinhole of Neon's field of view."""
-    if info.camera is not None:
-        return (
-            np.array(info.camera.camera_matrix, dtype=np.float64),
-            np.array(info.camera.distortion, dtype=np.float64),
-        )
-    cx_px, cy_px = info.frame_width_px / 2, info.frame_height_px / 2
-    fx_px = cx_px / math.tan(math.radians(_NEON_FOV_DEG[0] / 2))
-    fy_px = cy_px / math.tan(math.radians(_NEON_FOV_DEG[1] / 2))
-    matrix = np.array([[fx_px, 0.0, cx_px], [0.0, fy_px, cy_px], [0.0, 0.0, 1.0]])
-    return matrix, np.zeros(5)
-
-
 def _angles_deg(
-    points_px: NDArray[np.float64], matrix: NDArray[np.float64], distortion: NDArray[np.float64]
+    angles: GazeAngles, points_px: NDArray[np.float64]
 ) -> tuple[list[float], list[float]]:
     """Azimuth (right +) and elevation (up +) of the rays through (N, 2) pixel points."""
-    normalized = cv2.undistortPoints(points_px.reshape(-1, 1, 2), matrix, distortion)
-    x, y = normalized.reshape(-1, 2).T
-    azimuth_deg = np.degrees(np.arctan(x))
-    elevation_deg = -np.degrees(np.arctan2(y, np.hypot(x, 1.0)))
+    d = angles.directions(points_px[:, 0], points_px[:, 1])  # (N, 3), camera axes: x right, y down
+    azimuth_deg = np.degrees(np.arctan2(d[:, 0], d[:, 2]))
+    elevation_deg = -np.degrees(np.arctan2(d[:, 1], np.hypot(d[:, 0], d[:, 2])))
     return azimuth_deg.tolist(), elevation_deg.tolist()
 
 
@@ -92,7 +74,8 @@ class _ExportWriter:
         self._dir = out_dir
         self._info = info
         self._id = str(uuid.uuid4())
-        self._matrix, self._distortion = _camera_model(info)
+        # The source's intrinsics, else a pinhole of Neon's field of view.
+        self._angles = GazeAngles(info.frame_width_px, info.frame_height_px, info.camera)
         self._pending_gaze: list[GazeSample] = []
         self._fixations: CsvWriter | None = None  # fixations.csv is opened at the first one
         self._files: list[IO[str]] = []
@@ -117,8 +100,8 @@ class _ExportWriter:
             stack.callback(self._write_pending_gaze)
             if info.camera is not None:
                 camera = {
-                    "camera_matrix": self._matrix.tolist(),
-                    "distortion_coefficients": [self._distortion.tolist()],
+                    "camera_matrix": [list(row) for row in info.camera.camera_matrix],
+                    "distortion_coefficients": [list(info.camera.distortion)],
                 }
                 (out_dir / "scene_camera.json").write_text(json.dumps(camera, indent=2))
             self._stack = stack.pop_all()
@@ -167,7 +150,7 @@ class _ExportWriter:
             self._fixations = self._open_csv(self._stack, "fixations.csv", _FIXATIONS_HEADER)
         self._counts["fixations"] += 1
         point_px = np.array([[fixation.x_px, fixation.y_px]])
-        (azimuth_deg,), (elevation_deg,) = _angles_deg(point_px, self._matrix, self._distortion)
+        (azimuth_deg,), (elevation_deg,) = _angles_deg(self._angles, point_px)
         duration_ms = (fixation.end_ns - fixation.start_ns) / 1e6
         self._fixations.writerow(
             [
@@ -181,7 +164,7 @@ class _ExportWriter:
         if not self._pending_gaze:
             return
         points_px = np.array([(g.x_px, g.y_px) for g in self._pending_gaze], dtype=np.float64)
-        azimuth_deg, elevation_deg = _angles_deg(points_px, self._matrix, self._distortion)
+        azimuth_deg, elevation_deg = _angles_deg(self._angles, points_px)
         self._gaze.writerows(
             [self._id, self._id, g.timestamp_ns, g.x_px, g.y_px, int(g.worn), "", "", az, el]
             for g, az, el in zip(self._pending_gaze, azimuth_deg, elevation_deg, strict=True)

@@ -148,7 +148,7 @@ def test_console_script_reports_errors_without_a_traceback(tmp_path: Path) -> No
 def test_record_then_replay_the_recording(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GAZECAM_SYNTHETIC_DURATION_S", "2")
     rec = tmp_path / "session"
-    assert main(["record", "synthetic:demo", "--out", str(rec)]) == 0
+    assert main(["record", "synthetic:demo", "--out", str(rec), "--pace", "fast"]) == 0
     assert (rec / "gaze.csv").is_file() and (rec / "scene.mp4").is_file()
     out = tmp_path / "crops"
     assert main(["crops", str(rec), "--out", str(out)]) == 0
