@@ -36,7 +36,7 @@ SCENE_BASENAME = "Neon Scene Camera v1"
 
 
 def _check_sorted(ts: NDArray[np.int64], what: str) -> None:
-    bad = np.flatnonzero(np.diff(ts) <= 0)
+    bad = np.flatnonzero(np.diff(ts) < 0)
     if bad.size:
         raise SourceError(f"{what}: timestamps out of order at index {int(bad[0]) + 1}")
 
