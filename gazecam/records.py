@@ -202,3 +202,22 @@ class Crop:
     box: Box
     pixels: BGRImage = field(repr=False, compare=False)  # (box.height_px, box.width_px, 3)
     thumbnail: BGRImage | None = field(default=None, repr=False, compare=False)
+
+
+RegionKind = Literal["text", "object"]
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    """Something perception found in a keyframe's crop: a line of text or a detected object.
+
+    ``box`` is in frame pixels (the crop's offset added back); ``gaze_distance_px`` is the
+    distance from the gaze point to the box (0 when the gaze is inside it).
+    """
+
+    kind: RegionKind
+    label: str  # the text read, or the object class name
+    confidence: float  # 0..1
+    box: Box
+    gaze_distance_px: float
+    frame_timestamp_ns: int
