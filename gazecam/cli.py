@@ -112,6 +112,31 @@ class RecordCommand(BaseModel):
         )
 
 
+class ModelsCommand(BaseModel):
+    """List the model files gazecam uses, or fetch them once into the cache."""
+
+    action: CliPositionalArg[Literal["list", "fetch"]] = Field(description="list or fetch.")
+    names: CliPositionalArg[list[str]] = Field(
+        default_factory=list, description="Models to fetch (default: all)."
+    )
+
+    def cli_cmd(self) -> None:
+        """Run the command."""
+        from gazecam.models import MODELS, ModelError, ModelSettings, fetch, model_path
+
+        settings = ModelSettings()
+        if self.action == "list":
+            for name, spec in MODELS.items():
+                try:
+                    where = str(model_path(name, settings))
+                except ModelError:
+                    where = "not fetched"
+                print(f"{name:20} {spec.licence:40} {where}")
+            return
+        for name in self.names or list(MODELS):
+            print(f"{name}: {fetch(name, settings)}")
+
+
 class Gazecam(
     BaseSettings,
     cli_prog_name="gazecam",
@@ -123,6 +148,7 @@ class Gazecam(
 
     crops: CliSubCommand[CropsCommand]
     record: CliSubCommand[RecordCommand]
+    models: CliSubCommand[ModelsCommand]
 
     def cli_cmd(self) -> None:
         """Run the chosen subcommand."""
