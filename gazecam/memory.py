@@ -92,11 +92,11 @@ class VisualMemory:
             added.append(entry)
         horizon_ns = int(self.settings.memory_horizon_s * 1e9)
         while self._entries:
-            key, oldest = next(iter(self._entries.items()))
+            oldest = next(iter(self._entries.values()))
             too_old = timestamp_ns - oldest.region.frame_timestamp_ns > horizon_ns
             if not too_old and len(self._entries) <= self.settings.memory_max_regions:
                 break
-            del self._entries[key]
+            self._entries.popitem(last=False)
             dropped.append(oldest.region_id)
         # A region added and evicted in the same call never reaches the model.
         gone = set(dropped)

@@ -1,0 +1,205 @@
+"""Which step of a task card is under way: cue evidence, step order and explicit events.
+
+The tracker is a forward filter (an HMM) over the card's steps. At each keyframe it
+
+1. moves the belief by the transition prior: stay on a step (likely), advance by one
+   (moderate), skip ahead or go back (each unlikely; their mass is spread evenly over the
+   steps they can reach, and each row is renormalised at the ends of the procedure);
+2. weighs it by the evidence: every region whose text contains one of a step's text cues, or
+   whose class is one of its object cues, adds ``confidence × exp(-gaze_distance_px / scale)``
+   to that step's evidence (the best such region per step and keyframe, so that five detected
+   bottles count as one); evidence halves every ``half_life`` and each step's likelihood is
+   ``exp(gain × evidence)``. A cue seen once keeps nudging the belief for a few keyframes, a
+   cue seen for seconds outweighs the prior against skipping, and stale evidence stops counting.
+
+Events (``step.next``, ``step.back``, ``step.set:N``) come from a person and set the belief to
+one step outright; they also clear the evidence, which they supersede. Deterministic, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gazecam.errors import ConfigError
+from gazecam.records import Region
+from gazecam.tasks import TaskCard, normalise_cue
+
+
+class StepSettings(BaseSettings):
+    """The step tracker's transition prior and evidence model."""
+
+    model_config = SettingsConfigDict(env_prefix="GAZECAM_", extra="ignore")
+
+    step_stay_prob: float = Field(
+        0.90,
+        gt=0,
+        le=1,
+        description="Prior probability, per keyframe, of staying on the current step. The four "
+        "transition probabilities are renormalised per step, so they need not sum to 1.",
+    )
+    step_advance_prob: float = Field(
+        0.08, ge=0, le=1, description="Prior probability, per keyframe, of moving to the next step."
+    )
+    step_skip_prob: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Prior probability, per keyframe, of skipping ahead by two or more steps "
+        "(spread evenly over the steps ahead).",
+    )
+    step_back_prob: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Prior probability, per keyframe, of going back to an earlier step "
+        "(spread evenly over the earlier steps).",
+    )
+    step_evidence_half_life_s: float = Field(
+        3.0, gt=0, description="Cue evidence counts half as much after this many seconds."
+    )
+    step_gaze_scale_px: float = Field(
+        150.0,
+        gt=0,
+        description="A cue this far from the gaze point counts 1/e as much as one at the gaze.",
+    )
+    step_evidence_gain: float = Field(
+        2.0,
+        gt=0,
+        description="Log-likelihood a step gains per unit of evidence (one full-confidence cue "
+        "at the gaze point is one unit).",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StepEstimate:
+    """The most probable step: 1-based ``index`` of ``total``, and its posterior probability."""
+
+    index: int
+    title: str
+    total: int
+    confidence: float  # 0..1
+
+
+def transition_matrix(total: int, settings: StepSettings) -> NDArray[np.float64]:
+    """Row i: prior probabilities of moving from step i to each step in one keyframe."""
+    matrix = np.zeros((total, total))
+    for i in range(total):
+        matrix[i, i] = settings.step_stay_prob
+        if i + 1 < total:
+            matrix[i, i + 1] = settings.step_advance_prob
+        if i + 2 < total:
+            matrix[i, i + 2 :] = settings.step_skip_prob / (total - i - 2)
+        if i > 0:
+            matrix[i, :i] = settings.step_back_prob / i
+    normalised: NDArray[np.float64] = matrix / matrix.sum(axis=1, keepdims=True)
+    return normalised
+
+
+class StepTracker:
+    """Tracks the step of ``card`` under way from keyframe regions and explicit events."""
+
+    def __init__(self, card: TaskCard, settings: StepSettings) -> None:
+        self.card = card
+        self._settings = settings
+        self._transition = transition_matrix(len(card.steps), settings)
+        self._text_cues = [tuple(normalise_cue(c) for c in s.cues.text) for s in card.steps]
+        self._object_cues = [
+            frozenset(normalise_cue(c) for c in s.cues.objects) for s in card.steps
+        ]
+        # A procedure starts at its first step.
+        self._belief = self._one_hot(0)
+        self._evidence = np.zeros(len(card.steps))
+        self._evidence_ns: int | None = None  # time the evidence was last brought up to date
+
+    @property
+    def posterior(self) -> tuple[float, ...]:
+        """The probability of each step (in card order); they sum to 1."""
+        return tuple(self._belief.tolist())
+
+    def current(self) -> StepEstimate:
+        """The most probable step (the earlier one on a tie)."""
+        i = int(np.argmax(self._belief))
+        total = len(self.card.steps)
+        return StepEstimate(i + 1, self.card.steps[i].title, total, float(self._belief[i]))
+
+    def observe(self, regions: list[Region], timestamp_ns: int) -> None:
+        """Update with one keyframe's regions, taken at ``timestamp_ns``.
+
+        Timestamps should not go backwards; one that does is treated as the latest seen.
+        """
+        now_ns = self._decay_to(timestamp_ns)
+        best = np.zeros(len(self.card.steps))
+        for region in regions:
+            weight = self._weight(region, now_ns)
+            for step in self._matching_steps(region):
+                best[step] = max(best[step], weight)
+        self._evidence += best
+        log_likelihood = self._settings.step_evidence_gain * self._evidence
+        # Subtracting the maximum keeps exp() finite; only ratios between steps matter.
+        likelihood = np.exp(log_likelihood - log_likelihood.max())
+        predicted = self._belief @ self._transition
+        belief = predicted * likelihood
+        # With zero skip/back priors, evidence can point only at unreachable steps: keep the
+        # prediction rather than divide by zero.
+        self._belief = belief / belief.sum() if belief.sum() > 0 else predicted
+
+    def event(self, name: str, timestamp_ns: int) -> None:
+        """Apply ``step.next``, ``step.back`` or ``step.set:N`` (N from 1); ignore other events.
+
+        ``next`` and ``back`` stop at the first and last step. A malformed step event, or
+        ``step.set:N`` outside 1..total, raises ConfigError.
+        """
+        if not name.startswith("step."):
+            return
+        total = len(self.card.steps)
+        current = self.current().index - 1
+        action, _, argument = name.removeprefix("step.").partition(":")
+        if action == "next" and not argument:
+            target = min(current + 1, total - 1)
+        elif action == "back" and not argument:
+            target = max(current - 1, 0)
+        elif action == "set" and argument.isdecimal() and 1 <= int(argument) <= total:
+            target = int(argument) - 1
+        else:
+            raise ConfigError(
+                f"event {name!r}: expected step.next, step.back or step.set:N with N in 1..{total}"
+            )
+        self._belief = self._one_hot(target)
+        # What was seen before a person said where they are must not pull the belief back.
+        self._evidence[:] = 0.0
+        self._decay_to(timestamp_ns)
+
+    def _one_hot(self, index: int) -> NDArray[np.float64]:
+        belief = np.zeros(len(self.card.steps))
+        belief[index] = 1.0
+        return belief
+
+    def _decay_to(self, timestamp_ns: int) -> int:
+        """Age the evidence to ``timestamp_ns`` (or the latest time seen) and return that time."""
+        last_ns = timestamp_ns if self._evidence_ns is None else self._evidence_ns
+        now_ns = max(timestamp_ns, last_ns)
+        self._evidence *= self._decay(now_ns - last_ns)
+        self._evidence_ns = now_ns
+        return now_ns
+
+    def _decay(self, age_ns: int) -> float:
+        half_life_ns = self._settings.step_evidence_half_life_s * 1e9
+        # A region stamped after the latest time seen is not older than zero.
+        return float(0.5 ** (max(age_ns, 0) / half_life_ns))
+
+    def _weight(self, region: Region, now_ns: int) -> float:
+        """Evidence of one region: its confidence, less away from the gaze and with age."""
+        gaze = math.exp(-region.gaze_distance_px / self._settings.step_gaze_scale_px)
+        return region.confidence * gaze * self._decay(now_ns - region.frame_timestamp_ns)
+
+    def _matching_steps(self, region: Region) -> list[int]:
+        label = normalise_cue(region.label)
+        if region.kind == "text":
+            return [i for i, cues in enumerate(self._text_cues) if any(c in label for c in cues)]
+        return [i for i, cues in enumerate(self._object_cues) if label in cues]
