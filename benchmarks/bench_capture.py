@@ -256,7 +256,7 @@ def bench_decode(frames: int, repeats: int) -> dict[str, Any]:
     out: dict[str, Any] = {"frames": frames}
     print(
         f"\n2. decoding {frames} frames of 1600×1200 H.264 (DemoScene, libx264 veryfast crf 20); "
-        "PyAV thread_type AUTO: as many threads as cores allowed"
+        "PyAV slice threading (its default): as many threads as cores allowed"
     )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "scene.mp4"

@@ -36,9 +36,9 @@ def decode_frames(path: Path) -> Iterator[av.VideoFrame]:
     """
     try:
         with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            yield from container.decode(stream)
+            # Default slice threading only: frame threading ("AUTO") adds a frame of latency per
+            # thread and can deadlock when a decoder is freed mid-stream (PyAV issues #909, #367).
+            yield from container.decode(container.streams.video[0])
     except (av.error.FFmpegError, OSError) as exc:
         raise SourceError(f"{path}: cannot decode the video ({exc})") from exc
 
