@@ -42,6 +42,18 @@ DEMO_PANELS = (
     "5 PRESS RESET",
     "6 CLOSE COVER",
 )
+# The object drawn below each panel's label: the COCO class YOLOX-Nano finds in the 448 px crop
+# around the panel's target (score >= 0.4; tests/perception/test_perception.py checks it).
+DEMO_PANEL_OBJECTS = {
+    "1 REMOVE COVER": "stop sign",
+    "2 CHECK FUSE": "cup",
+    "3 CONNECT CABLE": "laptop",
+    "4 SET DIAL TO 5": "clock",
+    "5 PRESS RESET": "keyboard",
+    "6 CLOSE COVER": "teddy bear",
+}
+_INK = (20, 20, 20)
+_AA = cv2.LINE_AA
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +62,125 @@ class GazeTrack:
 
     gaze: GazeArrays
     fixations: tuple[Fixation, ...]
+
+
+# Flat drawings that YOLOX-Nano takes for COCO objects, each drawn below the label of the
+# 400×300 panel whose top-left corner is (x, y). Sizes, proportions and places were found by
+# trying: plainer or smaller drawings (a flat mug, a phone, a book) are not detected reliably.
+
+
+def _draw_stop_sign(canvas: BGRImage, x: int, y: int) -> None:
+    angles = np.pi / 8 + np.arange(8) * np.pi / 4
+    for radius_px, color in ((60, (30, 30, 200)), (55, (255, 255, 255)), (51, (30, 30, 200))):
+        corners = np.stack([200 + radius_px * np.cos(angles), 236 + radius_px * np.sin(angles)], 1)
+        cv2.fillPoly(canvas, [corners.astype(np.int32) + np.array([x, y])], color, _AA)
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    cv2.putText(canvas, "STOP", (x + 160, y + 248), font, 1.0, (255, 255, 255), 5, _AA)
+
+
+def _draw_clock(canvas: BGRImage, x: int, y: int) -> None:
+    cx, cy = x + 200, y + 236
+    cv2.circle(canvas, (cx, cy), 60, (255, 255, 255), -1, _AA)
+    cv2.circle(canvas, (cx, cy), 60, _INK, 4, _AA)
+    for hour in range(12):
+        dx, dy = math.sin(hour * math.pi / 6), -math.cos(hour * math.pi / 6)
+        inner, outer = ((round(cx + r * dx), round(cy + r * dy)) for r in (48, 56))
+        cv2.line(canvas, inner, outer, _INK, 2, _AA)
+    cv2.line(canvas, (cx, cy), (cx, cy - 39), _INK, 4, _AA)  # minute hand at 12
+    cv2.line(canvas, (cx, cy), (cx + 15, cy + 26), _INK, 4, _AA)  # hour hand at 5
+
+
+def _draw_cup(canvas: BGRImage, x: int, y: int) -> None:
+    # A red mug, shaded across as a lit cylinder: a flat-coloured one is seldom taken for a cup.
+    cv2.ellipse(canvas, (x + 230, y + 236), (26, 28), 0, -90, 90, (50, 50, 170), 13, _AA)  # handle
+    body = canvas[y + 186 : y + 297, x + 140 : x + 231]  # a view: drawing on it draws the canvas
+    mask = np.zeros(body.shape[:2], np.uint8)
+    cv2.rectangle(mask, (0, 0), (90, 102), 1, -1)
+    cv2.ellipse(mask, (45, 102), (45, 8), 0, 0, 180, 1, -1)  # the rounded bottom edge
+    light = 1.15 - 0.6 * np.abs(np.linspace(0, 1, 91) - 0.35) / 0.65  # brightest left of centre
+    rows, cols = np.nonzero(mask)
+    body[rows, cols] = (np.array([60, 60, 200]) * light[cols, None]).astype(np.uint8)
+    cv2.ellipse(canvas, (x + 185, y + 186), (45, 10), 0, 0, 360, (70, 70, 210), -1, _AA)  # rim
+    cv2.ellipse(canvas, (x + 185, y + 186), (40, 7), 0, 0, 360, (30, 50, 80), -1, _AA)  # coffee
+
+
+def _draw_laptop(canvas: BGRImage, x: int, y: int) -> None:
+    # Screen (a dark bezel round a blue window with white lines of text) over a grey keyboard
+    # deck seen in perspective, its keys in four rows of twelve.
+    offset = np.array([x, y])
+    lid = np.array([[143, 180], [258, 180], [254, 258], [147, 258]])
+    window = np.array([[151, 188], [250, 188], [248, 252], [153, 252]])
+    deck = np.array([[147, 258], [254, 258], [280, 290], [120, 290]])
+    cv2.fillPoly(canvas, [lid + offset], (50, 50, 50), _AA)
+    cv2.fillPoly(canvas, [window + offset], (230, 170, 90), _AA)
+    for line in range(4):
+        x1 = x + 159 + int(115 * (0.6 - 0.1 * line))
+        cv2.rectangle(
+            canvas, (x + 159, y + 196 + 14 * line), (x1, y + 202 + 14 * line), (250,) * 3, -1
+        )
+    cv2.fillPoly(canvas, [deck + offset], (185, 185, 185), _AA)
+    cv2.rectangle(canvas, (x + 120, y + 290), (x + 280, y + 296), (120, 120, 120), -1)
+    for row in range(4):
+        t0, t1 = (row + 0.5) / 5, (row + 1.2) / 5
+        top, bottom = y + 258 + int(32 * t0), y + 258 + int(32 * t1)
+        left, right = 147 - 27 * t0, 254 + 26 * t0
+        for key in range(12):
+            x0_key = x + int(left + (right - left) * (key + 0.1) / 12)
+            x1_key = x + int(left + (right - left) * (key + 0.9) / 12)
+            cv2.rectangle(canvas, (x0_key, top), (x1_key, bottom - 1), (70, 70, 70), -1)
+    cv2.rectangle(canvas, (x + 180, y + 280), (x + 220, y + 288), (150, 150, 150), -1)  # touchpad
+
+
+def _draw_keyboard(canvas: BGRImage, x: int, y: int) -> None:
+    # Seen at a slant: the case and each key row narrow towards the top. Light keys with
+    # letters on a dark case: a plain grid of keys is detected much less reliably.
+    x0, y0, x1, y1 = x + 60, y + 186, x + 340, y + 294
+    slant_px = 0.06 * (x1 - x0)
+    case = np.array([[x0 + slant_px, y0], [x1 - slant_px, y0], [x1, y1], [x0, y1]])
+    cv2.fillPoly(canvas, [case.astype(np.int32)], (45, 45, 45), _AA)
+    # Key widths in key units, 14 units a row: four rows of keys, then the space bar row.
+    rows = ([1.0] * 14, [1.5] + [1.0] * 12 + [1.5], [1.75] + [1.0] * 11 + [2.25],
+            [2.25] + [1.0] * 10 + [2.75], [1.5, 1.0, 1.5, 6.0, 1.5, 1.0, 1.5])  # fmt: skip
+    letters = iter("QWERTYUIOPASDFGHJKLZXCVBNM1234567890" * 2)
+    for r, widths in enumerate(rows):
+        top, bottom = (r + 0.06) / len(rows), (r + 0.94) / len(rows)  # of the height
+        y_top, y_bottom = y0 + 4 + top * (y1 - y0 - 8), y0 + 4 + bottom * (y1 - y0 - 8)
+        left, right = x0 + 4 + slant_px * (1 - top), x1 - 4 - slant_px * (1 - top)
+        units = 0.0
+        for width in widths:
+            x_left = left + (right - left) * units / 14 + 2
+            x_right = left + (right - left) * (units + width) / 14 - 2
+            corner = (int(x_left), int(y_top))
+            cv2.rectangle(canvas, corner, (int(x_right), int(y_bottom)), (215, 215, 215), -1)
+            if width == 1.0 and r < 4:
+                at = (int(x_left) + 2, int(y_top + 0.75 * (y_bottom - y_top)))
+                cv2.putText(
+                    canvas, next(letters), at, cv2.FONT_HERSHEY_PLAIN, 0.6, (40, 40, 40), 1, _AA
+                )
+            units += width
+
+
+def _draw_teddy_bear(canvas: BGRImage, x: int, y: int) -> None:
+    fur, muzzle = (60, 110, 160), (140, 180, 210)
+    blobs = (  # (x, y, radius x, radius y): ears, body, arms, feet, then the head over them
+        (176, 194, 12, 12), (224, 194, 12, 12), (200, 263, 28, 33), (169, 257, 12, 12),
+        (231, 257, 12, 12), (181, 288, 12, 12), (219, 288, 12, 12), (200, 210, 24, 24),
+    )  # fmt: skip
+    for bx, by, rx, ry in blobs:
+        cv2.ellipse(canvas, (x + bx, y + by), (rx, ry), 0, 0, 360, fur, -1, _AA)
+    cv2.circle(canvas, (x + 200, y + 218), 8, muzzle, -1, _AA)
+    for ex, ey in ((192, 204), (208, 204), (200, 216)):  # eyes and nose
+        cv2.circle(canvas, (x + ex, y + ey), 3, (0, 0, 0), -1, _AA)
+
+
+_DRAW_OBJECT = {
+    "stop sign": _draw_stop_sign,
+    "cup": _draw_cup,
+    "laptop": _draw_laptop,
+    "clock": _draw_clock,
+    "keyboard": _draw_keyboard,
+    "teddy bear": _draw_teddy_bear,
+}
 
 
 class DemoScene:
@@ -84,7 +215,7 @@ class DemoScene:
                 3,
                 cv2.LINE_AA,
             )
-            cv2.circle(canvas, (x0 + 200, y0 + 240), 28, (30, 60 + 30 * i, 200), -1)
+            _DRAW_OBJECT[DEMO_PANEL_OBJECTS[label]](canvas, x0, y0)
             targets.append((x0 + 200.0, y0 + 150.0))
         return canvas, targets
 

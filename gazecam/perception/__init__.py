@@ -1,0 +1,193 @@
+"""Perception: what is in a keyframe's crop, as text lines (OCR) and objects (a COCO detector).
+
+Each backend runs an ONNX model with ONNX Runtime on the crop's pixels and returns ``Region``
+records in frame pixels (the crop's offset added back), each with its distance from the gaze
+point. ``create_perception`` builds the backends the settings turn on; the backends are
+imported only then, so that importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gazecam.errors import ConfigError
+from gazecam.models import ModelError, ModelSettings
+from gazecam.records import Box, Crop, Region, RegionKind
+
+# What "auto" picks from, fastest first: TensorRT, then CUDA, then the CPU.
+AUTO_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+class PerceptionSettings(BaseSettings):
+    """Which perception backends run, their thresholds, and how ONNX Runtime runs them."""
+
+    model_config = SettingsConfigDict(env_prefix="GAZECAM_", extra="ignore")
+
+    ocr_enabled: bool = Field(True, description="Read text lines in the crop (PP-OCRv4).")
+    detector_enabled: bool = Field(
+        True, description="Detect objects in the crop (YOLOX-Nano, 80 COCO classes)."
+    )
+    text_score: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="A text line is kept when its mean recognition score is at least this.",
+    )
+    object_score: float = Field(
+        0.4,
+        ge=0,
+        le=1,
+        description="An object is kept when objectness × class probability is at least this.",
+    )
+    nms_iou: float = Field(
+        0.45,
+        gt=0,
+        le=1,
+        description="Non-maximum suppression: of two object boxes overlapping by more than "
+        "this IoU, only the better one is kept.",
+    )
+    onnx_providers: str = Field(
+        "auto",
+        description="ONNX Runtime execution providers, comma-separated in order of preference "
+        "(e.g. 'CUDAExecutionProvider,CPUExecutionProvider'); 'auto': TensorRT, then CUDA, "
+        "then CPU, whichever this onnxruntime build has.",
+    )
+    onnx_threads: int = Field(
+        0,
+        ge=0,
+        description="ONNX Runtime intra-op threads per model; 0: ONNX Runtime's default "
+        "(one per physical core).",
+    )
+
+
+class Perception(Protocol):
+    """Finds text and objects in a crop."""
+
+    def perceive(self, crop: Crop) -> list[Region]:
+        """The regions found in the crop, boxes in frame pixels."""
+        ...
+
+
+def resolve_providers(spec: str) -> list[str]:
+    """The execution providers a setting names, checked against this onnxruntime build."""
+    import onnxruntime as ort
+
+    available: list[str] = ort.get_available_providers()
+    if spec.strip() == "auto":
+        return [p for p in AUTO_PROVIDERS if p in available]
+    wanted = [p.strip() for p in spec.split(",") if p.strip()]
+    missing = [p for p in wanted if p not in available]
+    if not wanted or missing:
+        raise ConfigError(
+            f"onnx_providers={spec!r}: {', '.join(missing) or 'none named'} not available "
+            f"(this onnxruntime has: {', '.join(available)})"
+        )
+    return wanted
+
+
+def onnx_session(path: Path, settings: PerceptionSettings) -> Any:
+    """An ``onnxruntime.InferenceSession`` for a model file; ModelError if it cannot load."""
+    import onnxruntime as ort
+
+    providers = resolve_providers(settings.onnx_providers)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.onnx_threads
+    # Idle worker threads sleep instead of spinning: the models run one after another, and a
+    # session's spinning threads would take the cores from the next one (on 2 cores here, a
+    # 448 crop took 60-160 ms with spinning, 35 ms without).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    # ONNX Runtime's own errors (InvalidProtobuf, NoSuchFile, ...) derive from Exception only.
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: ONNX Runtime cannot load it ({reason})") from exc
+
+
+def gaze_point_px(crop: Crop) -> tuple[float, float]:
+    """Where distances are measured from: the gaze for a gaze crop, else the crop centre.
+
+    The 'center' and 'full' baselines stand for a system without eye tracking, so they must
+    not see the gaze even where the frame has one.
+    """
+    m = crop.matched
+    if crop.mode == "gaze" and m.gaze_x_px is not None and m.gaze_y_px is not None:
+        return m.gaze_x_px, m.gaze_y_px
+    b = crop.box
+    return (b.x0 + b.x1) / 2, (b.y0 + b.y1) / 2
+
+
+def distance_to_box_px(x_px: float, y_px: float, box: Box) -> float:
+    """Euclidean distance from a point to a box's area (its edges at x0, x1, y0, y1); 0 inside."""
+    dx = max(box.x0 - x_px, 0.0, x_px - box.x1)
+    dy = max(box.y0 - y_px, 0.0, y_px - box.y1)
+    return math.hypot(dx, dy)
+
+
+def to_region(
+    crop: Crop,
+    kind: RegionKind,
+    label: str,
+    confidence: float,
+    crop_box_px: Sequence[float],
+) -> Region:
+    """A region from a box ``(x0, y0, x1, y1)`` in the crop's pixels: frame pixels, gaze distance.
+
+    The box is rounded outwards to whole pixels and clipped to the crop.
+    """
+    c = crop.box
+    x0, y0, x1, y1 = crop_box_px
+    box = Box(
+        c.x0 + max(0, math.floor(x0)),
+        c.y0 + max(0, math.floor(y0)),
+        c.x0 + min(c.width_px, math.ceil(x1)),
+        c.y0 + min(c.height_px, math.ceil(y1)),
+    )
+    gx, gy = gaze_point_px(crop)
+    return Region(
+        kind=kind,
+        label=label,
+        confidence=float(confidence),
+        box=box,
+        gaze_distance_px=distance_to_box_px(gx, gy, box),
+        frame_timestamp_ns=crop.matched.frame.timestamp_ns,
+    )
+
+
+class CombinedPerception:
+    """Runs several backends on each crop and returns all their regions, nearest gaze first."""
+
+    def __init__(self, parts: Sequence[Perception]) -> None:
+        self.parts = tuple(parts)
+
+    def perceive(self, crop: Crop) -> list[Region]:
+        """The regions of every backend, sorted by distance from the gaze point."""
+        regions = [r for part in self.parts for r in part.perceive(crop)]
+        return sorted(regions, key=lambda r: r.gaze_distance_px)
+
+
+def create_perception(
+    settings: PerceptionSettings | None = None, models: ModelSettings | None = None
+) -> Perception:
+    """The perception the settings ask for: OCR and/or the object detector.
+
+    Model files are found with ``gazecam.models.model_path`` (ModelError saying how to fetch
+    them when missing); each ONNX Runtime session is created here, once.
+    """
+    settings = settings or PerceptionSettings()
+    parts: list[Perception] = []
+    if settings.ocr_enabled:
+        from gazecam.perception.ocr import TextReader
+
+        parts.append(TextReader(settings, models))
+    if settings.detector_enabled:
+        from gazecam.perception.detector import ObjectDetector
+
+        parts.append(ObjectDetector(settings, models))
+    return CombinedPerception(parts)
