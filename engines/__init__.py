@@ -1,0 +1,1 @@
+"""Build-time model conversion (GGUF → ONNX); needs ``gazecam[engines]``, never torch."""

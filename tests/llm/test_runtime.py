@@ -1,0 +1,244 @@
+"""The runtime on a tiny random-weight model: sparse attention is exact attention over the
+chosen KV entries, regions come and go, positions stay in range."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engines.smollm2_onnx import FORMAT_VERSION
+from gazecam.errors import MissingDependencyError
+from gazecam.llm import LanguageModel, LLMSettings
+from gazecam.llm import decoder as decoder_module
+from gazecam.llm.decoder import LOCAL_RESERVE, converted_model_dir
+from gazecam.llm.kv import KVCache, KVGroup
+from gazecam.llm.sampling import sample, stream_piece
+from gazecam.models import ModelSettings
+from tests.llm.conftest import answer, gguf_path
+from tests.llm.reference import Reference
+
+REGIONS = {
+    "r0": ("- text 'PUSH', at the gaze point", 1.0),
+    "r1": ("- a cup, 200 px from the gaze point", 0.2),
+    "r2": ("- text 'MAX 3 BAR', 90 px from the gaze point", 0.5),
+    "r3": ("- a valve, 30 px from the gaze point", 0.8),
+    "r4": ("- text 'EXIT', 400 px from the gaze point", 0.0),
+}
+
+
+@dataclass
+class Call:
+    """One forward of the graph, as the runtime made it."""
+
+    ids: list[int]
+    positions: list[int]
+    attend: list[str]  # group ids, in the order their entries were given
+    logits: np.ndarray
+
+
+def record(lm: LanguageModel, monkeypatch: pytest.MonkeyPatch) -> list[Call]:
+    """Record every forward the model makes from now on."""
+    calls: list[Call] = []
+    forward = lm._forward
+
+    def spy(ids: list[int], positions: np.ndarray, attend: list[KVGroup]) -> object:
+        step = forward(ids, positions, attend)
+        calls.append(Call(list(ids), positions.tolist(), [g.group_id for g in attend], step.logits))
+        return step
+
+    monkeypatch.setattr(lm, "_forward", spy)
+    return calls
+
+
+def fill(lm: LanguageModel) -> None:
+    lm.set_context("You help with a pump. Step 2 of 4: open the valve.")
+    for region_id, (text, prior) in REGIONS.items():
+        lm.add_region(region_id, text, prior)
+
+
+def reference_logits(model_dir: Path, calls: list[Call]) -> list[np.ndarray]:
+    """Last-token logits of every call, from ONE numpy forward over all tokens whose mask is
+    what each call attended to: its chosen groups' entries and, causally, its own tokens."""
+    group_of_call = ["context", *(f"region:{r}" for r in REGIONS)]
+    group_of_call += ["local"] * (len(calls) - len(group_of_call))
+    indices: dict[str, list[int]] = {}
+    ids, positions, visible, last = [], [], [], []
+    for call, group in zip(calls, group_of_call, strict=True):
+        seen = [i for g in call.attend for i in indices.get(g, [])]
+        start = len(ids)
+        for t in range(len(call.ids)):
+            visible.append([*seen, *range(start, start + t + 1)])
+        ids += call.ids
+        positions += call.positions
+        indices.setdefault(group, []).extend(range(start, len(ids)))
+        last.append(len(ids) - 1)
+    mask = np.zeros((len(ids), len(ids)), bool)
+    for i, row in enumerate(visible):
+        mask[i, row] = True
+    logits = Reference.load(model_dir).forward(ids, positions, mask).logits
+    return [logits[i] for i in last]
+
+
+@pytest.mark.parametrize("k", [None, len(REGIONS), 2])
+def test_sparse_attention_is_exact_attention_over_the_chosen_entries(
+    tiny_lm: LanguageModel, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch, k: int | None
+) -> None:
+    calls = record(tiny_lm, monkeypatch)
+    fill(tiny_lm)
+    _, stats = answer(tiny_lm, "Which valve?", top_k_regions=k, max_tokens=5, temperature=0)
+    question = calls[len(REGIONS) + 1]
+    assert all(g.startswith("region:") for g in question.attend[1:]) and len(question.attend) == 6
+    for call in calls[len(REGIONS) + 2 :]:  # decoding steps: context, chosen regions, local
+        chosen = [g for g in call.attend if g.startswith("region:")]
+        assert len(chosen) == (len(REGIONS) if k is None else k)
+        assert call.attend == ["context", *chosen, "local"]
+    expected = reference_logits(tiny_dir, calls)
+    for call, logits in zip(calls, expected, strict=True):
+        np.testing.assert_allclose(call.logits, logits, atol=1e-5)
+    assert len(stats.attended_visual_kv) == len(calls) - len(REGIONS) - 1
+
+
+def test_k_equal_to_all_regions_is_the_dense_path(
+    tiny_lm: LanguageModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fill(tiny_lm)
+    runs = []
+    for k in (None, len(REGIONS), 99):
+        calls = record(tiny_lm, monkeypatch)
+        text, _ = answer(tiny_lm, "Which valve?", top_k_regions=k, max_tokens=6, temperature=0)
+        runs.append((text, [c.logits for c in calls]))
+    for text, logits in runs[1:]:
+        assert text == runs[0][0]
+        for got, want in zip(logits, runs[0][1], strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_top_k_attends_fewer_visual_entries(tiny_lm: LanguageModel) -> None:
+    fill(tiny_lm)
+    sizes = {g.group_id: g.size for g in tiny_lm.cache.of_kind("region")}
+    total = sum(sizes.values())
+    _, dense = answer(tiny_lm, "Which valve?", top_k_regions=None, max_tokens=6)
+    _, sparse = answer(tiny_lm, "Which valve?", top_k_regions=2, max_tokens=6)
+    assert dense.visual_kv_total == sparse.visual_kv_total == total
+    assert set(dense.attended_visual_kv) == {total}
+    assert sparse.attended_visual_kv[0] == total  # the question sees all regions, to choose
+    largest_two = sum(sorted(sizes.values())[-2:])
+    assert sparse.attended_visual_kv[1:]
+    assert all(n <= largest_two < total for n in sparse.attended_visual_kv[1:])
+    assert len(sparse.selected_regions) == 2
+
+
+def test_gaze_prior_decides_when_weighted_heavily(tiny_dir: Path) -> None:
+    lm = LanguageModel(LLMSettings(llm_model_dir=tiny_dir, llm_gaze_prior_weight=100.0))
+    fill(lm)
+    _, stats = answer(lm, "Which valve?", top_k_regions=2, max_tokens=2)
+    assert stats.selected_regions == ["r0", "r3"]  # priors 1.0 and 0.8
+
+
+def test_dropping_a_region_removes_its_entries(tiny_lm: LanguageModel) -> None:
+    fill(tiny_lm)
+    size = tiny_lm.cache.groups["region:r2"].size
+    before = tiny_lm.cache.entries("region")
+    capacity = tiny_lm.cache.keys.shape[2]
+    assert tiny_lm.drop_region("r2") and not tiny_lm.drop_region("r2")
+    assert tiny_lm.region_ids == ["r0", "r1", "r3", "r4"]
+    assert tiny_lm.cache.entries("region") == before - size
+    _, stats = answer(tiny_lm, "Which valve?", top_k_regions=None, max_tokens=3)
+    assert stats.visual_kv_total == before - size
+    assert set(stats.attended_visual_kv) == {before - size}
+    tiny_lm.add_region("r2", REGIONS["r2"][0], 0.5)  # the freed slots are reused
+    assert tiny_lm.cache.keys.shape[2] == capacity
+
+
+def test_same_context_is_free_and_a_new_one_moves_the_regions(
+    tiny_lm: LanguageModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fill(tiny_lm)
+    calls = record(tiny_lm, monkeypatch)
+    tiny_lm.set_context("You help with a pump. Step 2 of 4: open the valve.")
+    assert calls == []
+    first = tiny_lm.cache.of_kind("region")[0]
+    old_start = int(first.positions[0])
+    tiny_lm.set_context("Step 3 of 4: close the valve slowly, then check the gauge.")
+    context_end = tiny_lm.cache.end_position(("context",))
+    assert len(calls) == 1 and int(first.positions[0]) == context_end != old_start
+    starts = [int(g.positions[0]) for g in tiny_lm.cache.of_kind("region")]
+    assert starts == sorted(starts) and starts[0] == context_end
+
+
+def test_shifting_keys_equals_computing_them_at_the_new_position(tiny_lm: LanguageModel) -> None:
+    # Layer 0's keys depend only on the token and its position, so a shifted copy must equal
+    # the keys computed at the new position.
+    ids = tiny_lm.tokenizer.encode("- text 'PUSH'\n")
+    at = {p: tiny_lm._forward(ids, np.arange(p, p + len(ids)), []) for p in (7, 300)}
+    cache = KVCache(2, 1, 64, 10000.0)
+    group = cache.put("g", "region", at[7].keys, at[7].values, np.arange(7, 7 + len(ids)))
+    cache.shift(group, 293)
+    assert group.positions.tolist() == list(range(300, 300 + len(ids)))
+    np.testing.assert_allclose(cache.keys[0][:, group.slots], at[300].keys[0], atol=1e-5)
+
+
+def test_regions_are_packed_when_positions_run_out(tiny_lm: LanguageModel) -> None:
+    fill(tiny_lm)
+    ends = []
+    for i in range(150):  # keyframes come and go: add one, forget the oldest
+        tiny_lm.add_region(f"k{i}", f"- text 'FRAME {i}', at the gaze point", 1.0)
+        tiny_lm.drop_region(tiny_lm.region_ids[0])
+        ends.append(tiny_lm.cache.end_position())
+    assert max(ends) <= tiny_lm.max_positions - LOCAL_RESERVE
+    assert any(b < a for a, b in itertools.pairwise(ends))  # packed at least once
+    groups = tiny_lm.cache.of_kind("region")
+    previous_ends = [tiny_lm.cache.end_position(("context",))] + [g.end_position for g in groups]
+    assert all(g.positions[0] >= end for g, end in zip(groups, previous_ends, strict=False))
+    _, stats = answer(tiny_lm, "What frame?", max_tokens=3)
+    assert stats.visual_kv_total == tiny_lm.cache.entries("region")
+
+
+def test_stream_pieces_hold_back_stop_prefixes_and_partial_characters() -> None:
+    assert stream_piece("Hello wor", 0, ["world"]) == ("Hello ", 6, False)
+    assert stream_piece("Hello world!", 6, ["world"]) == ("", 6, True)
+    assert stream_piece("Hello\n\nUser:", 0, ["\n\nUser:"]) == ("Hello", 5, True)
+    assert stream_piece("caf\ufffd", 0, []) == ("caf", 3, False)
+    assert stream_piece("café", 3, []) == ("é", 4, False)
+
+
+def test_sampling() -> None:
+    logits = np.array([1.0, 3.0, 2.0, -1.0], np.float32)
+    rng = np.random.default_rng(0)
+    assert sample(logits, 0.0, 0.9, rng) == 1
+    assert sample(logits, 1.0, 1e-6, rng) == 1  # top-p that keeps one token is greedy
+    draws = [sample(logits, 1.0, 1.0, np.random.default_rng(seed)) for seed in range(200)]
+    assert set(draws) >= {0, 1, 2} and draws.count(1) > draws.count(2) > draws.count(0)
+    again = [sample(logits, 1.0, 1.0, np.random.default_rng(seed)) for seed in range(200)]
+    assert draws == again
+
+
+def test_max_tokens_and_seeded_sampling(tiny_lm: LanguageModel) -> None:
+    fill(tiny_lm)
+    _, stats = answer(tiny_lm, "Which valve?", max_tokens=4, temperature=0)
+    assert stats.generated_tokens <= 4 and stats.stop_reason in ("max_tokens", "eos")
+    if stats.stop_reason == "max_tokens":
+        assert stats.generated_tokens == 4
+    a = answer(tiny_lm, "Which valve?", max_tokens=8, temperature=1.0, top_p=0.95, seed=3)[0]
+    b = answer(tiny_lm, "Which valve?", max_tokens=8, temperature=1.0, top_p=0.95, seed=3)[0]
+    assert a == b
+
+
+def test_converted_folder_format_matches_the_runtime(tiny_dir: Path) -> None:
+    assert FORMAT_VERSION == decoder_module.FORMAT_VERSION
+    assert Reference.load(tiny_dir).config["format_version"] == FORMAT_VERSION
+
+
+def test_conversion_without_the_engines_extra_says_how_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = ModelSettings(models_dir=tmp_path, model_path=[gguf_path().parent])
+    monkeypatch.setitem(sys.modules, "onnx", None)  # "not installed"
+    monkeypatch.delitem(sys.modules, "engines.smollm2_onnx", raising=False)
+    with pytest.raises(MissingDependencyError, match=r"'onnx'.*pip install 'gazecam\[engines\]'"):
+        converted_model_dir(LLMSettings(), models)
