@@ -7,9 +7,10 @@ stderr and exit code 2; never a traceback.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand
@@ -19,10 +20,15 @@ from gazecam import __version__
 from gazecam.capture import Capture, CaptureResult, capture
 from gazecam.errors import GazecamError
 from gazecam.export import CropWriter
-from gazecam.records import CropMode
+from gazecam.records import CropMode, SourceEvent
 from gazecam.settings import CaptureSettings, Pace, SourceSettings
 from gazecam.sources import open_source
 
+if TYPE_CHECKING:
+    from gazecam.assistant import Assistant
+
+ASSISTANT_MODELS = ("ppocr-det", "ppocr-rec", "yolox-nano", "smollm2-135m-gguf")
+BUNDLED_TASKS = {"demo": Path(__file__).parent / "data" / "demo_task.yaml"}
 SOURCE_HELP = (
     "A Neon recording or Pupil Cloud export folder, neon://auto, neon://HOST[:PORT], "
     "or synthetic:NAME (e.g. synthetic:demo)."
@@ -112,6 +118,34 @@ class RecordCommand(BaseModel):
         )
 
 
+class AskCommand(BaseModel):
+    """Replay a source up to a moment and answer a question about what the wearer was doing."""
+
+    source: CliPositionalArg[str] = Field(description=SOURCE_HELP)
+    question: CliPositionalArg[str] = Field(description='The question, e.g. "what step am I on?"')
+    task: str = Field("demo", description="Task card: a YAML file, or 'demo' (bundled).")
+    at: float = Field(ge=0, description="Answer at this many seconds into the source.")
+    as_json: bool = Field(
+        False, alias="json", description="End with one JSON line: text, step, timings, crop."
+    )
+
+    def cli_cmd(self) -> None:
+        """Run the command."""
+        from gazecam.assistant import Answer
+
+        answer: Answer | None = None
+        for item in asyncio.run(prepare_assistant(self.source, self.task, self.at)).ask(
+            self.question
+        ):
+            if isinstance(item, Answer):
+                answer = item
+            else:
+                print(item, end="", flush=True)
+        print()
+        if self.as_json and answer is not None:
+            print(json.dumps(answer.to_json()))
+
+
 class ModelsCommand(BaseModel):
     """List the model files gazecam uses, or fetch them once into the cache."""
 
@@ -148,6 +182,7 @@ class Gazecam(
 
     crops: CliSubCommand[CropsCommand]
     record: CliSubCommand[RecordCommand]
+    ask: CliSubCommand[AskCommand]
     models: CliSubCommand[ModelsCommand]
 
     def cli_cmd(self) -> None:
@@ -198,6 +233,43 @@ async def write_crops(
     finally:
         await source.close()
     return summary
+
+
+async def prepare_assistant(address: str, task: str, at_s: float) -> Assistant:
+    """Load the assistant and replay ``address`` into it up to ``at_s`` seconds in.
+
+    Each keyframe is perceived as the replay reaches it, as the service does at fixation
+    onsets, so the ask that follows finds everything in memory.
+    """
+    from gazecam.assistant import Assistant
+    from gazecam.llm.decoder import LanguageModel
+    from gazecam.models import ModelSettings, fetch
+    from gazecam.perception import PerceptionSettings, create_perception
+    from gazecam.tasks import load_task_card
+
+    card = load_task_card(BUNDLED_TASKS.get(task, task))
+    models = ModelSettings()
+    for name in ASSISTANT_MODELS:  # present: nothing to do; else fetched once, checksummed
+        fetch(name, models)
+    assistant = Assistant(card, create_perception(PerceptionSettings()), LanguageModel())
+    settings = CaptureSettings()
+    source = open_source(address, SourceSettings(pace="fast"))
+    info = await source.open()
+    try:
+        start_ns = info.start_ns
+        async for result in capture(source, info, settings):
+            if isinstance(result, SourceEvent):
+                assistant.observe_event(result)
+                continue
+            t_ns = result.matched.frame.timestamp_ns
+            start_ns = t_ns if start_ns is None else start_ns
+            if t_ns - start_ns > at_s * 1e9:
+                break
+            if result.crop is not None:
+                await asyncio.to_thread(assistant.observe_keyframe, result.crop)
+    finally:
+        await source.close()
+    return assistant
 
 
 def main(argv: list[str] | None = None) -> int:

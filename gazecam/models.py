@@ -186,5 +186,8 @@ def _download(spec: ModelFile, tmp: Path) -> Path:
         with urllib.request.urlopen(spec.url, timeout=60) as src, out.open("wb") as dst:
             shutil.copyfileobj(src, dst)
     except OSError as exc:
-        raise ModelError(f"{spec.name}: download from {spec.url} failed ({exc})") from exc
+        raise ModelError(
+            f"{spec.name}: download from {spec.url} failed ({exc}); offline, put "
+            f"{spec.filename} in a folder listed in GAZECAM_MODEL_PATH"
+        ) from exc
     return out

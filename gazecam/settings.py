@@ -42,7 +42,7 @@ class SourceSettings(BaseSettings):
         20, ge=3, description="Time Echo round trips used to estimate the glasses' clock offset."
     )
     synthetic_duration_s: float = Field(
-        30.0, gt=0, description="Length of a synthetic source's scene, in seconds."
+        60.0, gt=0, description="Length of a synthetic source's scene, in seconds."
     )
 
 

@@ -61,7 +61,7 @@ class StepSettings(BaseSettings):
         "(spread evenly over the earlier steps).",
     )
     step_evidence_half_life_s: float = Field(
-        3.0, gt=0, description="Cue evidence counts half as much after this many seconds."
+        1.0, gt=0, description="Cue evidence counts half as much after this many seconds."
     )
     step_gaze_scale_px: float = Field(
         150.0,
@@ -69,7 +69,7 @@ class StepSettings(BaseSettings):
         description="A cue this far from the gaze point counts 1/e as much as one at the gaze.",
     )
     step_evidence_gain: float = Field(
-        2.0,
+        4.0,
         gt=0,
         description="Log-likelihood a step gains per unit of evidence (one full-confidence cue "
         "at the gaze point is one unit).",

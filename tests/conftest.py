@@ -8,12 +8,16 @@ timing data stay real. Each frame carries its index as a frame code (see
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from gazecam.llm import LanguageModel, LLMSettings
+from gazecam.llm.decoder import converted_model_dir
+from gazecam.models import ModelError, ModelSettings, model_path
 from gazecam.sources.synthetic import DemoScene
 from gazecam.video import VideoWriter
 
@@ -24,10 +28,17 @@ SCENE_TIME = "Neon Scene Camera v1 ps1.time"
 SCENE_VIDEO = "Neon Scene Camera v1 ps1.mp4"
 
 
+def missing(reason: str) -> None:
+    """Skip a test whose data or model is missing here; in CI (CI=true), fail it instead."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI must provide it)")
+    pytest.skip(reason)
+
+
 def copy_recording(dest: Path) -> Path:
     """A writable copy of the neon-demo recording (the shared one is read-only)."""
     if not NEON_DEMO.is_dir():
-        pytest.skip(f"{NEON_DEMO} is missing (CI provides ../shared beside the repo)")
+        missing(f"{NEON_DEMO} is missing (../shared belongs beside the repo)")
     shutil.copytree(NEON_DEMO, dest, copy_function=shutil.copyfile)
     return dest
 
@@ -54,3 +65,32 @@ def neon_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     recording = copy_recording(tmp_path_factory.mktemp("neon") / "neon-demo")
     render_scene_video(recording)
     return recording
+
+
+def gguf_path() -> Path:
+    """The real SmolLM2 GGUF (in the models cache: 'gazecam models fetch' puts it there)."""
+    try:
+        return model_path("smollm2-135m-gguf")
+    except ModelError as exc:
+        missing(str(exc))
+        raise
+
+
+@pytest.fixture(scope="session")
+def real_models(tmp_path_factory: pytest.TempPathFactory) -> ModelSettings:
+    """Model settings whose cache is a fresh folder and whose model path holds the GGUF."""
+    cache = tmp_path_factory.mktemp("models")
+    return ModelSettings(models_dir=cache, model_path=[gguf_path().parent])
+
+
+@pytest.fixture(scope="session")
+def real_dir(real_models: ModelSettings) -> Path:
+    """SmolLM2-135M-Instruct converted from its GGUF into the fresh cache (about 3 s), through
+    the runtime's convert-on-first-use path."""
+    return converted_model_dir(LLMSettings(), real_models)
+
+
+@pytest.fixture(scope="session")
+def real_lm(real_dir: Path) -> LanguageModel:
+    """One LanguageModel on the real model for the session."""
+    return LanguageModel(LLMSettings(llm_model_dir=real_dir))

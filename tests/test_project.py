@@ -14,6 +14,6 @@ def readme_commands() -> list[str]:
 
 def test_ci_runs_exactly_the_readme_test_command() -> None:
     main_job, test_command = readme_commands()
-    assert "gazecam crops synthetic:demo" in main_job and ".venv" in main_job
+    assert "gazecam ask synthetic:demo" in main_job and ".venv" in main_job
     ci_lines = (REPO / ".ci" / "run").read_text().splitlines()
     assert ci_lines[-1] == test_command

@@ -14,6 +14,10 @@ from gazecam.tasks import Cues, Step, TaskCard
 S_NS = 1_000_000_000
 T0_NS = 1_760_000_000_000_000_000
 
+# The numbers below were worked out for this evidence model; the defaults are tuned on the
+# synthetic demo (tests/test_assistant.py checks the tracker's accuracy there).
+SETTINGS = StepSettings(step_evidence_half_life_s=3.0, step_evidence_gain=2.0)
+
 
 def demo_card() -> TaskCard:
     """The synthetic demo's six panels as steps; each panel's text is its step's cue."""
@@ -38,7 +42,7 @@ def region(
 
 
 def tracker() -> StepTracker:
-    return StepTracker(demo_card(), StepSettings())
+    return StepTracker(demo_card(), SETTINGS)
 
 
 def feed(
@@ -54,7 +58,7 @@ def feed(
 
 
 def test_default_transition_prior() -> None:
-    matrix = transition_matrix(6, StepSettings())
+    matrix = transition_matrix(6, SETTINGS)
     np.testing.assert_allclose(matrix.sum(axis=1), 1.0)
     # From step 1: stay 0.90, next 0.08, skip 0.01 over steps 3..6, renormalised by 0.99.
     np.testing.assert_allclose(
@@ -126,7 +130,7 @@ def test_object_cues_match_class_names_once_per_keyframe() -> None:
     # An object label never matches a text cue, nor a text line an object cue.
     t = tracker()
     t.observe([region("check fuse", 0, kind="object"), region("bottle", 0)], T0_NS)
-    assert t.posterior[1] == pytest.approx(transition_matrix(6, StepSettings())[0, 1])
+    assert t.posterior[1] == pytest.approx(transition_matrix(6, SETTINGS)[0, 1])
 
 
 def test_stale_evidence_decays() -> None:
@@ -141,7 +145,7 @@ def test_stale_evidence_decays() -> None:
     # A region from a frame long before the keyframe counts for as little.
     old = tracker()
     old.observe([region("check fuse", 0)], T0_NS + 60 * S_NS)
-    assert old.posterior[1] == pytest.approx(transition_matrix(6, StepSettings())[0, 1], abs=1e-6)
+    assert old.posterior[1] == pytest.approx(transition_matrix(6, SETTINGS)[0, 1], abs=1e-6)
 
 
 def test_events_set_the_step_and_clamp_at_the_ends() -> None:

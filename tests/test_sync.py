@@ -14,7 +14,7 @@ from gazecam.sync import (
     GazeBuffer,
     match_frames,
 )
-from tests.conftest import NEON_DEMO, SCENE_TIME
+from tests.conftest import NEON_DEMO, SCENE_TIME, missing
 
 MS = 1_000_000
 
@@ -125,7 +125,7 @@ def test_matcher_bounds_frames_waiting_for_gaze() -> None:
 
 def test_matching_error_on_real_neon_gaze_is_within_half_a_sample() -> None:
     if not NEON_DEMO.is_dir():
-        pytest.skip(f"{NEON_DEMO} is missing")
+        missing(f"{NEON_DEMO} is missing")
     import pupil_labs.neon_recording as nr
 
     gaze = nr.open(NEON_DEMO).gaze

@@ -53,6 +53,7 @@ DEMO_PANEL_OBJECTS = {
     "6 CLOSE COVER": "teddy bear",
 }
 _INK = (20, 20, 20)
+_OBJECT_BELOW_LABEL_PX = 86  # from a panel's target (its label) to the centre of its object
 _AA = cv2.LINE_AA
 
 
@@ -238,18 +239,30 @@ class DemoScene:
         draw_frame_code(frame, index)
         return frame
 
-    def gaze_track(self, rate_hz: float = GAZE_RATE_HZ) -> GazeTrack:
-        """Fixations on panel targets joined by minimum-jerk saccades, in frame pixels.
+    def step_at(self, t_s: float) -> int:
+        """The procedure step (1-based) the wearer works on ``t_s`` seconds in: the ground truth.
 
-        The eyes hold a world target while the head pans (the frame-space gaze drifts with the
-        pan, as with the vestibulo-ocular reflex). One second in the middle is 'not worn'.
+        The scene's time is split evenly over the six panels, in order.
+        """
+        steps = len(self.targets_world_px)
+        return min(int(t_s / (self.duration_s / steps)), steps - 1) + 1
+
+    def gaze_track(self, rate_hz: float = GAZE_RATE_HZ) -> GazeTrack:
+        """Fixations on the panels joined by minimum-jerk saccades, in frame pixels.
+
+        The wearer works through the procedure (``step_at``): most fixations fall on the current
+        step's panel, alternating between its label and its object (86 px, about 6° apart), and
+        one in five is a glance at another panel. The eyes hold a world target while the head
+        pans (the frame-space gaze drifts with the pan, as with the vestibulo-ocular reflex).
+        One second in the middle is 'not worn'.
         """
         n = int(self.duration_s * rate_hz)
         t_s = np.arange(n) / rate_hz
         world = np.zeros((n, 2))
         fixations: list[Fixation] = []
-        current = self._rng.integers(len(self.targets_world_px))
-        pos = np.array(self.targets_world_px[current])
+        panels = len(self.targets_world_px)
+        pos = np.array(self.targets_world_px[0])
+        on_object = False
         i = 0
         while i < n:
             fix_n = int(self._rng.uniform(0.25, 0.9) * rate_hz)
@@ -260,10 +273,15 @@ class DemoScene:
                 Fixation(START_NS + round(t_s[i] * 1e9), START_NS + round(t_s[end] * 1e9), 0.0, 0.0)
             )
             i += fix_n
-            current = (current + 1 + self._rng.integers(len(self.targets_world_px) - 1)) % len(
-                self.targets_world_px
-            )
-            target = np.array(self.targets_world_px[current]) + self._rng.normal(0, 15, 2)
+            step = self.step_at(t_s[min(i, n - 1)]) - 1
+            if self._rng.random() < 0.2:  # a glance at another panel's label
+                panel = (step + 1 + int(self._rng.integers(panels - 1))) % panels
+                point, on_object = self.targets_world_px[panel], False
+            else:
+                on_object = not on_object
+                x, y = self.targets_world_px[step]
+                point = (x, y + _OBJECT_BELOW_LABEL_PX) if on_object else (x, y)
+            target = np.array(point) + self._rng.normal(0, 10, 2)
             sac_n = int(self._rng.uniform(0.03, 0.06) * rate_hz)
             s = np.linspace(0, 1, sac_n + 2)[1:-1, None]
             world[i : i + sac_n] = (pos + (target - pos) * (10 * s**3 - 15 * s**4 + 6 * s**5))[

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 from engines.smollm2_onnx import _Graph, pack_q41, q41_from_gguf
 from gazecam.llm.tokenizer import ChatTokenizer
-from tests.llm.conftest import gguf_path
+from tests.conftest import gguf_path
 from tests.llm.reference import Reference
 
 

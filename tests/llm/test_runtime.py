@@ -19,7 +19,8 @@ from gazecam.llm.decoder import LOCAL_RESERVE, converted_model_dir
 from gazecam.llm.kv import KVCache, KVGroup
 from gazecam.llm.sampling import sample, stream_piece
 from gazecam.models import ModelSettings
-from tests.llm.conftest import answer, gguf_path
+from tests.conftest import gguf_path
+from tests.llm.conftest import answer
 from tests.llm.reference import Reference
 
 REGIONS = {

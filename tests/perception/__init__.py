@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from gazecam.models import ModelError, ModelSettings, model_path
 from gazecam.records import BGRImage, Box, Crop, CropMode, GazeStatus, MatchedFrame, SceneFrame
-from tests.conftest import SHARED
+from tests.conftest import SHARED, missing
 
 # yolox-nano is in ../shared/models; the PP-OCR models are fetched into the cache.
 MODELS = ModelSettings(model_path=[SHARED / "models"])
@@ -19,7 +18,7 @@ def require_models(*names: str) -> ModelSettings:
         try:
             model_path(name, MODELS)
         except ModelError as exc:
-            pytest.skip(f"{exc} (CI provides ../shared/models beside the repository)")
+            missing(f"{exc} (../shared/models belongs beside the repository)")
     return MODELS
 
 

@@ -1,0 +1,217 @@
+"""The assistant: keyframe crops in (perception, step tracking, visual memory), answers out.
+
+At each keyframe (a fixation onset) perception reads the crop; the regions it finds update the
+step tracker and the visual memory, and each new region is prefilled into the language model
+as its own KV group, all before anyone asks. An ask then only prefills the question and
+decodes, attending to the context, the top-k regions and its own tokens.
+
+What the answer says about the step, what is next, and what the wearer looks at or just read
+comes from the tracker and the memory, never from the model's imagination: it opens the answer
+as a fixed lead sentence, and the model continues from it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gazecam.errors import GazecamError
+from gazecam.llm.decoder import GenerationStats
+from gazecam.memory import MemorySettings, VisualMemory
+from gazecam.perception import Perception
+from gazecam.records import Crop, Region, SourceEvent
+from gazecam.steps import StepEstimate, StepSettings, StepTracker
+from gazecam.tasks import TaskCard
+
+
+class QuestionError(GazecamError):
+    """A question the assistant cannot take (empty, or too long)."""
+
+
+class AssistantSettings(BaseSettings):
+    """How questions are taken and answered."""
+
+    model_config = SettingsConfigDict(env_prefix="GAZECAM_", extra="ignore")
+
+    max_question_chars: int = Field(
+        500, ge=1, description="Longer questions are refused with a clear error."
+    )
+    answer_max_tokens: int = Field(
+        40, ge=1, le=512, description="At most this many tokens of model text per answer."
+    )
+
+
+class Model(Protocol):
+    """The decoder role: context, region KV groups, and streamed generation."""
+
+    def set_context(self, text: str) -> None: ...
+    def add_region(self, region_id: str, text: str, gaze_prior: float) -> None: ...
+    def drop_region(self, region_id: str) -> bool: ...
+    def generate(
+        self, question: str, *, answer_prefix: str = "", max_tokens: int | None = None,
+        stop: tuple[str, ...] = (),
+    ) -> Iterator[str | GenerationStats]: ...  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """What an answer cost, in milliseconds and tokens."""
+
+    perception_ms: float  # the latest keyframe's perception (done before the ask)
+    ttft_ms: float  # ask to the model's first token
+    tpot_ms: float  # per output token after the first
+    e2e_ms: float  # ask to the whole answer
+    prompt_tokens: int  # tokens prefilled at ask time
+    attended_kv: float  # visual KV entries attended per decoding step (mean)
+    visual_kv: int  # visual KV entries in memory
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A finished answer: its text, the tracker's step, its costs, and the crop it rests on."""
+
+    text: str
+    step: StepEstimate
+    timings: Timings
+    crop: Crop | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object of ``gazecam ask --json`` and the server's answer frame."""
+        crop = None
+        if self.crop is not None:
+            m = self.crop.matched
+            crop = {
+                "timestamp_ns": m.frame.timestamp_ns,
+                "gaze": [m.gaze_x_px, m.gaze_y_px],
+                "box": self.crop.box.as_list(),
+            }
+        return {
+            "text": self.text,
+            "step": asdict(self.step),
+            "timings": asdict(self.timings),
+            "crop": crop,
+        }
+
+
+def lead_sentence(question: str, step: StepEstimate, card: TaskCard, latest: list[Region]) -> str:
+    """The fixed opening of the answer, from the tracker and the latest keyframe's regions."""
+    q = question.lower()
+    if "next" in q:
+        if step.index == step.total:
+            return f"Step {step.index} of {step.total}, {step.title}, is the last step."
+        following = card.steps[step.index]
+        return f"Next is step {step.index + 1} of {step.total}: {following.title}."
+    if "step" in q:
+        return f"You are on step {step.index} of {step.total}: {step.title}."
+    nearest = sorted(latest, key=lambda r: r.gaze_distance_px)
+    texts = [r for r in nearest if r.kind == "text"]
+    if "read" in q and texts:
+        return f"You just read '{texts[0].label}'."
+    if ("look" in q or "see" in q) and nearest:
+        r = nearest[0]
+        thing = f"the text '{r.label}'" if r.kind == "text" else f"a {r.label}"
+        return f"You are looking at {thing}."
+    return ""
+
+
+def context_text(card: TaskCard) -> str:
+    """The always-kept context: the assistant's role and the task card."""
+    steps = "\n".join(f"{i}. {s.title}: {s.instruction}" for i, s in enumerate(card.steps, 1))
+    return (
+        "You help a person who wears eye-tracking glasses while doing a task. Answer in one "
+        f"short sentence.\nTask: {card.name}\nSteps:\n{steps}\nWhat the person looked at:"
+    )
+
+
+class Assistant:
+    """Keeps the tracker, memory and model up to date with keyframes, and answers questions."""
+
+    def __init__(
+        self,
+        card: TaskCard,
+        perception: Perception,
+        model: Model,
+        settings: AssistantSettings | None = None,
+        memory: MemorySettings | None = None,
+        steps: StepSettings | None = None,
+    ) -> None:
+        self.card = card
+        self.settings = settings or AssistantSettings()
+        self.perception = perception
+        self.model = model
+        self.tracker = StepTracker(card, steps or StepSettings())
+        self.memory = VisualMemory(memory)
+        self.latest_crop: Crop | None = None
+        self.latest_regions: list[Region] = []
+        self.perception_ms = 0.0
+        model.set_context(context_text(card))
+
+    def observe_keyframe(self, crop: Crop) -> list[Region]:
+        """Perceive a keyframe's crop and bring tracker, memory and model KV up to date.
+
+        Runs in a worker thread in the service (it takes tens of milliseconds), so that an ask
+        never waits for it.
+        """
+        started = time.perf_counter()
+        regions = self.perception.perceive(crop)
+        self.perception_ms = (time.perf_counter() - started) * 1e3
+        timestamp_ns = crop.matched.frame.timestamp_ns
+        self.tracker.observe(regions, timestamp_ns)
+        added, dropped = self.memory.add_keyframe(timestamp_ns, regions)
+        for region_id in dropped:
+            self.model.drop_region(region_id)
+        for entry in added:
+            self.model.add_region(entry.region_id, entry.text, entry.gaze_prior)
+        self.latest_crop, self.latest_regions = crop, regions
+        return regions
+
+    def observe_event(self, event: SourceEvent) -> None:
+        """Apply a step event (``step.next``, ``step.back``, ``step.set:N``); ignore others."""
+        if event.name.startswith("step."):
+            self.tracker.event(event.name, event.timestamp_ns)
+
+    def ask(self, question: str) -> Iterator[str | Answer]:
+        """Stream the answer's text pieces, then the finished Answer."""
+        question = " ".join(question.split())
+        if not question:
+            raise QuestionError("question: empty")
+        if len(question) > self.settings.max_question_chars:
+            raise QuestionError(
+                f"question: {len(question)} characters, at most "
+                f"{self.settings.max_question_chars} are taken"
+            )
+        started = time.perf_counter()
+        step = self.tracker.current()
+        lead = lead_sentence(question, step, self.card, self.latest_regions)
+        now = self.card.steps[step.index - 1]
+        prompt = f"{question}\n(The person is on step {step.index}: {now.title}. {now.instruction})"
+        if lead:
+            yield lead
+        generated: list[str] = []
+        stats: GenerationStats | None = None
+        # The lead is the start of the model's own answer, so it continues the sentence.
+        for item in self.model.generate(
+            prompt, answer_prefix=lead, max_tokens=self.settings.answer_max_tokens, stop=("\n",)
+        ):
+            if isinstance(item, GenerationStats):
+                stats = item
+            else:
+                generated.append(item)
+                yield item
+        assert stats is not None  # generate always ends with its stats
+        decode_steps = stats.attended_visual_kv[1:] or stats.attended_visual_kv
+        timings = Timings(
+            perception_ms=round(self.perception_ms, 2),
+            ttft_ms=round(stats.ttft_ms, 2),
+            tpot_ms=round(stats.tpot_ms, 2),
+            e2e_ms=round((time.perf_counter() - started) * 1e3, 2),
+            prompt_tokens=stats.prompt_tokens,
+            attended_kv=round(sum(decode_steps) / len(decode_steps), 1),
+            visual_kv=stats.visual_kv_total,
+        )
+        yield Answer((lead + "".join(generated)).strip(), step, timings, self.latest_crop)

@@ -1,0 +1,161 @@
+"""The assistant end to end: real perception and the real SmolLM2 on the synthetic demo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gazecam.assistant import Answer, Assistant, QuestionError, lead_sentence
+from gazecam.capture import CaptureResult, capture
+from gazecam.cli import main
+from gazecam.llm import LanguageModel, LLMSettings
+from gazecam.perception import create_perception
+from gazecam.records import Box, Region, SourceEvent
+from gazecam.settings import CaptureSettings, SourceSettings
+from gazecam.sources import open_source
+from gazecam.sources.synthetic import START_NS, SyntheticSource
+from gazecam.steps import StepEstimate
+from gazecam.tasks import load_task_card
+from tests.conftest import SHARED
+from tests.perception import require_models
+
+CARD = load_task_card(Path(__file__).parents[1] / "gazecam" / "data" / "demo_task.yaml")
+
+
+def text(label: str, distance_px: float, kind: str = "text") -> Region:
+    return Region(kind, label, 0.9, Box(0, 0, 1, 1), distance_px, 0)  # type: ignore[arg-type]
+
+
+def test_lead_sentences_come_from_the_tracker_and_the_regions() -> None:
+    step = StepEstimate(3, "Connect cable", 6, 0.8)
+    seen = [text("clock", 40, "object"), text("3 CONNECT CABLE", 0), text("SPARE", 90)]
+    assert lead_sentence("What step am I on?", step, CARD, seen) == (
+        "You are on step 3 of 6: Connect cable."
+    )
+    assert lead_sentence("what's next?", step, CARD, seen) == "Next is step 4 of 6: Set dial to 5."
+    last = StepEstimate(6, "Close cover", 6, 0.9)
+    assert (
+        lead_sentence("what's next", last, CARD, [])
+        == "Step 6 of 6, Close cover, is the last step."
+    )
+    assert lead_sentence("What am I looking at?", step, CARD, seen) == (
+        "You are looking at the text '3 CONNECT CABLE'."
+    )
+    assert lead_sentence("what do you see", step, CARD, [seen[0]]) == "You are looking at a clock."
+    assert lead_sentence("What did I just read?", step, CARD, seen) == (
+        "You just read '3 CONNECT CABLE'."
+    )
+    assert lead_sentence("Is the fuse dark?", step, CARD, seen) == ""
+
+
+@pytest.fixture(scope="module")
+def demo_run(real_dir: Path) -> tuple[Assistant, SyntheticSource, list[tuple[int, int]]]:
+    """The 60 s demo replayed into an assistant; (truth, estimate) of the step per keyframe."""
+    models = require_models("ppocr-det", "ppocr-rec", "yolox-nano")
+    model = LanguageModel(LLMSettings(llm_model_dir=real_dir))
+    assistant = Assistant(CARD, create_perception(models=models), model)
+    source = open_source("synthetic:demo", SourceSettings(synthetic_duration_s=60))
+    assert isinstance(source, SyntheticSource)
+
+    async def replay() -> list[tuple[int, int]]:
+        info = await source.open()
+        steps = []
+        async for result in capture(source, info, CaptureSettings()):
+            if isinstance(result, CaptureResult) and result.crop is not None:
+                assistant.observe_keyframe(result.crop)
+                t_s = (result.matched.frame.timestamp_ns - START_NS) / 1e9
+                steps.append((source.scene.step_at(t_s), assistant.tracker.current().index))
+        return steps
+
+    import asyncio
+
+    return assistant, source, asyncio.run(replay())
+
+
+def ask(assistant: Assistant, question: str) -> tuple[list[str], Answer]:
+    items = list(assistant.ask(question))
+    answer = items.pop()
+    assert isinstance(answer, Answer) and all(isinstance(i, str) for i in items)
+    return [str(i) for i in items], answer
+
+
+def test_the_tracker_follows_the_demo_procedure(demo_run) -> None:  # type: ignore[no-untyped-def]
+    _, _, steps = demo_run
+    assert len(steps) >= 50
+    correct = sum(truth == estimate for truth, estimate in steps)
+    assert correct / len(steps) >= 0.8  # 0.88 when tuned; misses are the keyframe after a change
+    assert all(abs(truth - estimate) <= 1 for truth, estimate in steps)
+
+
+def test_what_step_am_i_on(demo_run) -> None:  # type: ignore[no-untyped-def]
+    assistant, _, _ = demo_run
+    pieces, answer = ask(assistant, "What step am I on?")
+    assert answer.step.index == 6 and answer.step.total == 6  # the demo ends on the last step
+    assert answer.text.startswith("You are on step 6 of 6: Close cover.")
+    assert "".join(pieces).strip() == answer.text
+    t = answer.timings
+    assert t.ttft_ms > 0 and t.e2e_ms >= t.ttft_ms and t.perception_ms > 0
+    assert 0 < t.prompt_tokens < 120
+    # Sparse: each decoding step attends a few regions' entries, not the whole memory.
+    assert 0 < t.attended_kv < t.visual_kv
+    assert answer.crop is not None and answer.crop.box.width_px == 448
+    blob = answer.to_json()
+    assert set(blob) == {"text", "step", "timings", "crop"}
+    assert blob["step"]["index"] == 6 and len(blob["crop"]["box"]) == 4
+    json.dumps(blob)
+
+
+def test_events_set_the_step_the_answer_reports(demo_run) -> None:  # type: ignore[no-untyped-def]
+    assistant, _, _ = demo_run
+    assistant.observe_event(SourceEvent(START_NS + 61 * 10**9, "step.set:2"))
+    _, answer = ask(assistant, "what's next?")
+    assert answer.step.index == 2 and answer.step.confidence == 1.0
+    assert answer.text.startswith("Next is step 3 of 6: Connect cable.")
+    assistant.observe_event(SourceEvent(START_NS + 62 * 10**9, "recording.end"))  # ignored
+    assert assistant.tracker.current().index == 2
+
+
+def test_what_am_i_looking_at_names_what_perception_found(demo_run) -> None:  # type: ignore[no-untyped-def]
+    assistant, _, _ = demo_run
+    _, answer = ask(assistant, "What am I looking at?")
+    nearest = min(assistant.latest_regions, key=lambda r: r.gaze_distance_px)
+    assert nearest.label in answer.text
+
+
+@pytest.mark.parametrize(
+    ("question", "message"),
+    [("   ", "question: empty"), ("w" * 10_000, "question: 10000 characters, at most 500")],
+)
+def test_bad_questions_are_refused(demo_run, question: str, message: str) -> None:  # type: ignore[no-untyped-def]
+    assistant, _, _ = demo_run
+    with pytest.raises(QuestionError, match=message):
+        list(assistant.ask(question))
+
+
+def test_ask_command_prints_the_answer_and_json(
+    real_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    require_models("ppocr-det", "ppocr-rec", "yolox-nano")
+    monkeypatch.setenv("GAZECAM_MODEL_PATH", json.dumps([str(SHARED / "models")]))
+    monkeypatch.setenv("GAZECAM_LLM_MODEL_DIR", str(real_dir))
+    monkeypatch.setenv("GAZECAM_SYNTHETIC_DURATION_S", "30")
+    assert main(["ask", "synthetic:demo", "--at", "13", "--json", "what step am I on?"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    blob = json.loads(lines[-1])
+    assert lines[0].startswith(f"You are on step {blob['step']['index']} of 6")
+    # 13 s into a 30 s demo the wearer is on step 3 (10-15 s); the tracker may lag a keyframe.
+    assert blob["step"]["index"] in (2, 3)
+    assert set(blob["timings"]) >= {
+        "perception_ms",
+        "ttft_ms",
+        "tpot_ms",
+        "e2e_ms",
+        "prompt_tokens",
+        "attended_kv",
+    }
+    assert main(["ask", "synthetic:demo", "--at", "1", "x" * 600]) == 2
+    assert "question: 600 characters" in capsys.readouterr().err
+    assert main(["ask", "synthetic:demo", "--at", "1", "--task", "/no/card.yaml", "hi"]) == 2
+    assert "/no/card.yaml: cannot read the task card" in capsys.readouterr().err
