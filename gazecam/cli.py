@@ -21,6 +21,7 @@ from gazecam.capture import Capture, CaptureResult, capture
 from gazecam.errors import GazecamError
 from gazecam.export import CropWriter
 from gazecam.records import CropMode, SourceEvent
+from gazecam.server.command import ServeCommand
 from gazecam.settings import CaptureSettings, Pace, SourceSettings
 from gazecam.sources import open_source
 
@@ -183,6 +184,7 @@ class Gazecam(
     crops: CliSubCommand[CropsCommand]
     record: CliSubCommand[RecordCommand]
     ask: CliSubCommand[AskCommand]
+    serve: CliSubCommand[ServeCommand]
     models: CliSubCommand[ModelsCommand]
 
     def cli_cmd(self) -> None:

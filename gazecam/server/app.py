@@ -1,0 +1,105 @@
+"""The stop-and-ask service: ``create_app(settings)`` builds the FastAPI app, ``serve`` runs
+it on uvicorn.
+
+The app's lifespan loads the models (fetched once where missing), starts the capture loop and
+the perception worker in the background, and stops them at shutdown; requests are served
+only in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from gazecam import __version__
+from gazecam.assistant import AssistantSettings
+from gazecam.server.errors import install_error_handlers
+from gazecam.server.metrics import Metrics
+from gazecam.server.pipeline import PipelineStats
+from gazecam.server.protocol import RateLimiter
+from gazecam.server.routes import STATIC_DIR, api, public
+from gazecam.server.runtime import Engines, Runtime, load_engines, source_factory
+from gazecam.server.settings import ServerSettings
+from gazecam.server.ws import router as websockets
+from gazecam.settings import CaptureSettings, SourceSettings
+from gazecam.tasks import load_task_card
+
+logger = logging.getLogger("gazecam.server")
+
+# Websocket messages longer than this close the connection (1009) in uvicorn itself; shorter
+# ones over the setting's limit get an error and the socket stays open.
+WS_TRANSPORT_MAX_BYTES = 1 << 20
+
+
+def create_app(
+    settings: ServerSettings | None = None,
+    *,
+    source: SourceSettings | None = None,
+    capture: CaptureSettings | None = None,
+    assistant: AssistantSettings | None = None,
+    engines: Engines | None = None,
+) -> FastAPI:
+    """The service for ``settings``; the other settings default to the environment's.
+
+    ``engines``: models already loaded (tests share them between apps); unset, the lifespan
+    loads them.
+    """
+    from gazecam.cli import BUNDLED_TASKS
+
+    settings = settings or ServerSettings()
+    # A bad task card or source address stops the service here, before anything starts.
+    card = load_task_card(BUNDLED_TASKS.get(settings.task, settings.task))
+    make_source = source_factory(settings.source, source or SourceSettings())
+    stats = PipelineStats()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loaded = engines if engines is not None else await asyncio.to_thread(load_engines)
+        runtime = await asyncio.to_thread(
+            Runtime,
+            settings,
+            card,
+            loaded,
+            stats,
+            make_source=make_source,
+            capture=capture or CaptureSettings(),
+            assistant=assistant or AssistantSettings(),
+        )
+        runtime.start()
+        app.state.runtime = runtime
+        logger.info("serving %s with task card %r", settings.source, card.name)
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(title="gazecam", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = Metrics(stats)
+    app.state.rate_limiter = RateLimiter(settings.asks_per_minute)
+    install_error_handlers(app)
+    app.include_router(public)
+    app.include_router(api)
+    app.include_router(websockets)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def serve(settings: ServerSettings) -> None:
+    """Run the service on uvicorn until interrupted (Ctrl-C, SIGTERM)."""
+    import uvicorn
+
+    # Loaded before uvicorn starts, so that a missing model ends the command with one line.
+    app = create_app(settings, engines=load_engines())
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ws_max_size=WS_TRANSPORT_MAX_BYTES,
+        log_level="info",
+    )

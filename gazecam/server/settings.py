@@ -1,0 +1,95 @@
+"""The service's own settings: what it serves, where it listens, who may use it, and its limits.
+
+Capture, source, assistant and model settings are the ones every command reads
+(``gazecam.settings``, ``gazecam.assistant``, ...); this model holds only what is the
+service's. Unsafe combinations are refused, not warned about: listening beyond this machine
+without a token, or with a token short enough to guess.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIN_TOKEN_CHARS = 16
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost may resolve anywhere
+        return False
+
+
+class ServerSettings(BaseSettings):
+    """The stop-and-ask service: address, access and limits."""
+
+    model_config = SettingsConfigDict(env_prefix="GAZECAM_", extra="ignore")
+
+    source: str = Field(
+        "synthetic:demo",
+        description="Source address to serve; recordings and synthetic scenes replay in a loop "
+        "in real time, live glasses stream as they are.",
+    )
+    task: str = Field(
+        "demo", description="Task card at start: a YAML file, or 'demo' (the bundled one)."
+    )
+    token: SecretStr | None = Field(
+        None,
+        description=f"Bearer token every route but /healthz and the web client needs "
+        f"(at least {MIN_TOKEN_CHARS} characters); unset: no token, loopback only.",
+    )
+    host: str = Field(
+        "127.0.0.1",
+        description="Address to listen on; anything but loopback needs GAZECAM_TOKEN set.",
+    )
+    port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
+    max_message_bytes: int = Field(
+        4096,
+        ge=256,
+        le=1 << 20,
+        description="A websocket message longer than this is refused with a bad_request error.",
+    )
+    max_task_bytes: int = Field(
+        65536, ge=1024, le=1 << 22, description="A longer task card body is refused (413)."
+    )
+    max_clients: int = Field(
+        32, ge=1, description="Websocket connections at once; more are closed with code 1013."
+    )
+    asks_per_minute: int = Field(
+        30,
+        ge=1,
+        description="Asks taken per client address in any 60 s; more get a rate_limited error.",
+    )
+    live_rate_hz: float = Field(
+        10.0, gt=0, le=10, description="At most this many state messages per second on /v1/live."
+    )
+    restart_backoff_s: float = Field(
+        0.5, gt=0, description="Wait before restarting a failed or ended source; doubles each time."
+    )
+    restart_backoff_max_s: float = Field(
+        10.0, gt=0, description="The wait before restarting a source grows up to this."
+    )
+
+    @field_validator("token")
+    @classmethod
+    def _token_long_enough(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and len(token.get_secret_value()) < MIN_TOKEN_CHARS:
+            raise ValueError(f"the token needs at least {MIN_TOKEN_CHARS} characters")
+        return token
+
+    @field_validator("host")
+    @classmethod
+    def _no_open_host_without_token(cls, host: str, info: ValidationInfo) -> str:
+        # ``token`` is declared before ``host``, so it has been validated by now.
+        if not is_loopback(host) and info.data.get("token") is None:
+            raise ValueError(
+                f"{host} is reachable from other machines: set GAZECAM_TOKEN (at least "
+                f"{MIN_TOKEN_CHARS} characters) to listen there"
+            )
+        return host

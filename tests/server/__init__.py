@@ -1,0 +1,1 @@
+"""Tests of the stop-and-ask service (gazecam.server) and the looped source it serves."""
