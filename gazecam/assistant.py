@@ -15,18 +15,48 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gazecam.errors import GazecamError
-from gazecam.llm.decoder import GenerationStats
+from gazecam.llm.decoder import GenerationStats, LanguageModel
 from gazecam.memory import MemorySettings, VisualMemory
+from gazecam.models import ModelSettings, fetch
 from gazecam.perception import Perception
 from gazecam.records import Crop, Region, SourceEvent
 from gazecam.steps import StepEstimate, StepSettings, StepTracker
-from gazecam.tasks import TaskCard
+from gazecam.tasks import TaskCard, load_task_card
+
+ASSISTANT_MODELS = ("ppocr-det", "ppocr-rec", "yolox-nano", "smollm2-135m-gguf")
+BUNDLED_TASKS = {"demo": Path(__file__).parent / "data" / "demo_task.yaml"}
+
+
+@dataclass(frozen=True, slots=True)
+class Engines:
+    """The loaded models, which outlive an assistant (a new task card, or each mode of
+    ``gazecam bench``, reuses them)."""
+
+    perception: Perception
+    model: LanguageModel
+
+
+def load_task(task: str) -> TaskCard:
+    """A task card: a YAML file, or a bundled card's name ('demo')."""
+    return load_task_card(BUNDLED_TASKS.get(task, task))
+
+
+def load_engines() -> Engines:
+    """Fetch the assistant's model files where missing (once, checksummed) and load them."""
+    from gazecam.perception import PerceptionSettings, create_perception
+
+    models = ModelSettings()
+    for name in ASSISTANT_MODELS:
+        fetch(name, models)
+    return Engines(create_perception(PerceptionSettings(), models), LanguageModel())
 
 
 class QuestionError(GazecamError):
@@ -53,8 +83,8 @@ class Model(Protocol):
     def add_region(self, region_id: str, text: str, gaze_prior: float) -> None: ...
     def drop_region(self, region_id: str) -> bool: ...
     def generate(
-        self, question: str, *, answer_prefix: str = "", max_tokens: int | None = None,
-        stop: tuple[str, ...] = (),
+        self, question: str, *, answer_prefix: str = "", top_k_regions: int | None = ...,
+        max_tokens: int | None = None, stop: tuple[str, ...] = (),
     ) -> Iterator[str | GenerationStats]: ...  # fmt: skip
 
 
@@ -175,8 +205,12 @@ class Assistant:
         if event.name.startswith("step."):
             self.tracker.event(event.name, event.timestamp_ns)
 
-    def ask(self, question: str) -> Iterator[str | Answer]:
-        """Stream the answer's text pieces, then the finished Answer."""
+    def ask(self, question: str, *, dense: bool = False) -> Iterator[str | Answer]:
+        """Stream the answer's text pieces, then the finished Answer.
+
+        Each decoding step attends the model's top-k regions (its settings), or with ``dense``
+        every region in memory: the baseline that ``gazecam bench`` measures sparsity against.
+        """
         question = " ".join(question.split())
         if not question:
             raise QuestionError("question: empty")
@@ -194,8 +228,12 @@ class Assistant:
             yield lead
         generated: list[str] = []
         stats: GenerationStats | None = None
+        # Unset, top_k_regions means the model's own setting; None attends every region.
+        generate = (
+            partial(self.model.generate, top_k_regions=None) if dense else self.model.generate
+        )
         # The lead is the start of the model's own answer, so it continues the sentence.
-        for item in self.model.generate(
+        for item in generate(
             prompt, answer_prefix=lead, max_tokens=self.settings.answer_max_tokens, stop=("\n",)
         ):
             if isinstance(item, GenerationStats):

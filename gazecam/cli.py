@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubComm
 from tqdm import tqdm
 
 from gazecam import __version__
+from gazecam.bench import BenchCommand
 from gazecam.capture import Capture, CaptureResult, capture
 from gazecam.errors import GazecamError
 from gazecam.export import CropWriter
@@ -28,8 +29,6 @@ from gazecam.sources import open_source
 if TYPE_CHECKING:
     from gazecam.assistant import Assistant
 
-ASSISTANT_MODELS = ("ppocr-det", "ppocr-rec", "yolox-nano", "smollm2-135m-gguf")
-BUNDLED_TASKS = {"demo": Path(__file__).parent / "data" / "demo_task.yaml"}
 SOURCE_HELP = (
     "A Neon recording or Pupil Cloud export folder, neon://auto, neon://HOST[:PORT], "
     "or synthetic:NAME (e.g. synthetic:demo)."
@@ -186,6 +185,7 @@ class Gazecam(
     ask: CliSubCommand[AskCommand]
     serve: CliSubCommand[ServeCommand]
     models: CliSubCommand[ModelsCommand]
+    bench: CliSubCommand[BenchCommand]
 
     def cli_cmd(self) -> None:
         """Run the chosen subcommand."""
@@ -243,17 +243,10 @@ async def prepare_assistant(address: str, task: str, at_s: float) -> Assistant:
     Each keyframe is perceived as the replay reaches it, as the service does at fixation
     onsets, so the ask that follows finds everything in memory.
     """
-    from gazecam.assistant import Assistant
-    from gazecam.llm.decoder import LanguageModel
-    from gazecam.models import ModelSettings, fetch
-    from gazecam.perception import PerceptionSettings, create_perception
-    from gazecam.tasks import load_task_card
+    from gazecam.assistant import Assistant, load_engines, load_task
 
-    card = load_task_card(BUNDLED_TASKS.get(task, task))
-    models = ModelSettings()
-    for name in ASSISTANT_MODELS:  # present: nothing to do; else fetched once, checksummed
-        fetch(name, models)
-    assistant = Assistant(card, create_perception(PerceptionSettings()), LanguageModel())
+    engines = load_engines()
+    assistant = Assistant(load_task(task), engines.perception, engines.model)
     settings = CaptureSettings()
     source = open_source(address, SourceSettings(pace="fast"))
     info = await source.open()

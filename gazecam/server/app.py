@@ -17,17 +17,16 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from gazecam import __version__
-from gazecam.assistant import AssistantSettings
+from gazecam.assistant import AssistantSettings, Engines, load_engines, load_task
 from gazecam.server.errors import install_error_handlers
 from gazecam.server.metrics import Metrics
 from gazecam.server.pipeline import PipelineStats
 from gazecam.server.protocol import RateLimiter
 from gazecam.server.routes import STATIC_DIR, api, public
-from gazecam.server.runtime import Engines, Runtime, load_engines, source_factory
+from gazecam.server.runtime import Runtime, source_factory
 from gazecam.server.settings import ServerSettings
 from gazecam.server.ws import router as websockets
 from gazecam.settings import CaptureSettings, SourceSettings
-from gazecam.tasks import load_task_card
 
 logger = logging.getLogger("gazecam.server")
 
@@ -49,11 +48,9 @@ def create_app(
     ``engines``: models already loaded (tests share them between apps); unset, the lifespan
     loads them.
     """
-    from gazecam.cli import BUNDLED_TASKS
-
     settings = settings or ServerSettings()
     # A bad task card or source address stops the service here, before anything starts.
-    card = load_task_card(BUNDLED_TASKS.get(settings.task, settings.task))
+    card = load_task(settings.task)
     make_source = source_factory(settings.source, source or SourceSettings())
     stats = PipelineStats()
 

@@ -15,14 +15,12 @@ import threading
 import time
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import cv2
 
-from gazecam.assistant import Answer, Assistant, AssistantSettings
-from gazecam.llm.decoder import LanguageModel
-from gazecam.perception import Perception
+from gazecam.assistant import Answer, Assistant, AssistantSettings, Engines
 from gazecam.records import Crop, SourceEvent
 from gazecam.server.errors import ClientError
 from gazecam.server.pipeline import Pipeline, PipelineStats
@@ -36,26 +34,6 @@ from gazecam.tasks import TaskCard
 
 _JPEG_QUALITY = 85
 _END = object()  # the generation thread's last item
-
-
-@dataclass(frozen=True, slots=True)
-class Engines:
-    """The loaded models, which outlive an assistant (a new task card reuses them)."""
-
-    perception: Perception
-    model: LanguageModel
-
-
-def load_engines() -> Engines:
-    """Fetch the assistant's models where missing (once, checksummed) and load them."""
-    from gazecam.cli import ASSISTANT_MODELS
-    from gazecam.models import ModelSettings, fetch
-    from gazecam.perception import PerceptionSettings, create_perception
-
-    models = ModelSettings()
-    for name in ASSISTANT_MODELS:
-        fetch(name, models)
-    return Engines(create_perception(PerceptionSettings(), models), LanguageModel())
 
 
 def source_factory(address: str, settings: SourceSettings) -> Callable[[], Source]:

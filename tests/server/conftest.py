@@ -19,11 +19,10 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from gazecam.assistant import AssistantSettings
+from gazecam.assistant import AssistantSettings, Engines
 from gazecam.llm import LanguageModel, LLMSettings
 from gazecam.perception import create_perception
 from gazecam.server.app import WS_TRANSPORT_MAX_BYTES, create_app
-from gazecam.server.runtime import Engines
 from gazecam.server.settings import ServerSettings
 from gazecam.settings import SourceSettings
 from tests.perception import require_models
