@@ -4,8 +4,9 @@ The scene is a textured canvas larger than the frame with labelled panels; the c
 slowly (head motion), and the gaze fixates panel targets in turn, with fixational jitter and
 minimum-jerk saccades between them, at Neon's rates (scene 30 Hz, gaze 200 Hz). Everything is
 generated from a fixed seed, so a scene and its ground-truth fixations are reproducible.
-Each frame carries a burnt-in timecode and a 16-bit frame code (white/black blocks along the
-bottom edge) so that a test can tell which frame it is looking at, even after video coding.
+Each frame carries a 16-bit frame code (white/black blocks along the bottom edge) so that a test
+can tell which frame it is looking at, even after video coding. (No text timecode: OCR would
+read a new line of text in every frame, which no real scene has.)
 """
 
 from __future__ import annotations
@@ -234,8 +235,6 @@ class DemoScene:
         ox, oy = self.camera_offset_px(t_s)
         x, y = round(ox), round(oy)
         frame: BGRImage = self.canvas[y : y + self.height_px, x : x + self.width_px].copy()
-        label = f"#{index}  t={t_s:7.3f} s"
-        cv2.putText(frame, label, (20, 40), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (0, 0, 0), 2)
         draw_frame_code(frame, index)
         return frame
 
