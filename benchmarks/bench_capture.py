@@ -23,11 +23,9 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse
-import json
-import platform
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from typing import Any
 import av
 import cv2
 import numpy as np
+from common import cpus, fmt, machine_info, pct, write_report  # benchmarks/common.py
 
 from gazecam.capture import Capture, FrameResult
 from gazecam.crop import make_crop
@@ -54,22 +53,6 @@ TARGET_MATCH_MS = 2.5
 MET = {True: "met", False: "missed"}
 
 
-def pct(values: Sequence[float] | np.ndarray, *qs: int) -> dict[str, float]:
-    """Percentiles as ``{"p50": ...}``, with the max beside them."""
-    a = np.asarray(values, dtype=np.float64)
-    if a.size == 0:
-        return {**{f"p{q}": float("nan") for q in qs}, "max": float("nan")}
-    return {**{f"p{q}": float(np.percentile(a, q)) for q in qs}, "max": float(a.max())}
-
-
-def fmt(p: dict[str, float], spec: str = ".2f") -> str:
-    return "  ".join(f"{k} {v:{spec}}" for k, v in p.items())
-
-
-def cpus() -> set[int]:
-    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else {0}
-
-
 @contextmanager
 def pinned(cpu_set: set[int]) -> Iterator[None]:
     """Run the block on these CPUs only (where the OS can pin), then restore the affinity."""
@@ -82,19 +65,6 @@ def pinned(cpu_set: set[int]) -> Iterator[None]:
         yield
     finally:
         os.sched_setaffinity(0, before)
-
-
-def machine_info() -> dict[str, Any]:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    models = [ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model n")]
-    return {
-        "cpu": models[0] if models else platform.processor(),
-        "cores": os.cpu_count(),
-        "usable_cores": len(cpus()),
-        "platform": platform.platform(),
-        **{"python": platform.python_version(), "numpy": np.__version__},
-        **{"opencv": cv2.__version__, "av": av.__version__},
-    }
 
 
 # --- 1. sync + fixations + crop, decoding excluded -----------------------------------------------
@@ -379,7 +349,7 @@ def main() -> None:
     ap.add_argument("--recording", type=Path, default=DEFAULT_RECORDING)
     args = ap.parse_args()
     t0 = time.perf_counter()
-    report: dict[str, Any] = {"machine": machine_info()}
+    report: dict[str, Any] = {"machine": machine_info(opencv=cv2.__version__, av=av.__version__)}
     m = report["machine"]
     print(
         f"machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable); python "
@@ -388,10 +358,7 @@ def main() -> None:
     report["sync_crop"] = bench_sync_crop(args.frames, args.repeats)
     report["decode"] = bench_decode(args.decode_frames, 3)
     report["matching"] = bench_matching(args.recording)
-    report["wall_s"] = time.perf_counter() - t0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.out} in {report['wall_s']:.1f} s")
+    write_report(report, args.out, t0)
 
 
 if __name__ == "__main__":

@@ -23,16 +23,14 @@ compare runs by their p50, and rerun before trusting a change of a few percent.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from common import fmt, machine_info, pct, write_report  # benchmarks/common.py
 
 from gazecam.llm import GenerationStats, LanguageModel, LLMSettings
 
@@ -49,16 +47,6 @@ WORDS = [
     *("WARNING", "CAUTION", "HOT", "MAX", "MIN", "FLANGE", "SEAL", "FILTER", "DRAIN", "VENT"),
     *("RESET", "POWER", "MOTOR", "COVER", "PANEL"),
 ]
-
-
-def pct(values: Sequence[float], *qs: int) -> dict[str, float]:
-    """Percentiles as ``{"p50": ...}``."""
-    a = np.asarray(values, dtype=np.float64)
-    return {f"p{q}": float(np.percentile(a, q)) for q in qs}
-
-
-def fmt(p: dict[str, float]) -> str:
-    return "  ".join(f"{k} {v:7.2f}" for k, v in p.items())
 
 
 def region_lines(count: int, seed: int = 0) -> list[tuple[str, str, float]]:
@@ -153,13 +141,7 @@ def main() -> None:
     lm = LanguageModel(LLMSettings())
     load_s = time.perf_counter() - t0
     report: dict[str, Any] = {
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "platform": platform.platform(),
-            "onnxruntime": ort.__version__,
-            "providers": lm.session.get_providers(),
-        },
+        "machine": machine_info(onnxruntime=ort.__version__, providers=lm.session.get_providers()),
         "load_s": load_s,
     }
     print(
@@ -192,10 +174,7 @@ def main() -> None:
     for name, t in report["targets"].items():
         verdict = "met" if t["met"] else "missed"
         print(f"  target {name}: {t['value']:.2f} (≥ {t['target']:.0f}) {verdict}")
-    report["wall_s"] = time.perf_counter() - t0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.out} in {report['wall_s']:.1f} s")
+    write_report(report, args.out, t0)
 
 
 if __name__ == "__main__":

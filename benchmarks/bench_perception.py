@@ -15,9 +15,6 @@ at least 5× faster than the whole frame (p50 against p50, OCR + detector).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +23,7 @@ from typing import Any
 import cv2
 import numpy as np
 import onnxruntime as ort
+from common import machine_info, pct, write_report  # benchmarks/common.py
 
 from gazecam.crop import make_crop
 from gazecam.models import ModelSettings
@@ -42,24 +40,14 @@ MET = {True: "met", False: "missed"}
 ROW = "{:20s} {:6s} {:>8s} {:>8s} {:>8s} {:>8s}"
 
 
-def pct(values: Sequence[float], *qs: int) -> dict[str, float]:
-    """Percentiles as ``{"p50": ...}``, with the max beside them."""
-    a = np.asarray(values, dtype=np.float64)
-    return {**{f"p{q}": float(np.percentile(a, q)) for q in qs}, "max": float(a.max())}
-
-
-def machine_info(settings: PerceptionSettings) -> dict[str, Any]:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    models = [ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model n")]
-    return {
-        "cpu": models[0] if models else platform.processor(),
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-        **{"python": platform.python_version(), "numpy": np.__version__},
-        **{"opencv": cv2.__version__, "onnxruntime": ort.__version__},
-        "providers": resolve_providers(settings.onnx_providers),
-        "onnx_threads": settings.onnx_threads or "onnxruntime default",
-    }
+def perception_machine(settings: PerceptionSettings) -> dict[str, Any]:
+    """The machine, with the versions and ONNX Runtime settings perception ran with."""
+    return machine_info(
+        opencv=cv2.__version__,
+        onnxruntime=ort.__version__,
+        providers=resolve_providers(settings.onnx_providers),
+        onnx_threads=settings.onnx_threads or "onnxruntime default",
+    )
 
 
 def demo_inputs() -> tuple[list[Crop], Crop]:
@@ -111,7 +99,7 @@ def main() -> None:
     settings = PerceptionSettings(onnx_threads=args.threads)
     models = ModelSettings()
     models = models.model_copy(update={"model_path": [*models.model_path, SHARED_MODELS]})
-    report: dict[str, Any] = {"machine": machine_info(settings)}
+    report: dict[str, Any] = {"machine": perception_machine(settings)}
     m = report["machine"]
     print(
         f"machine: {m['cpu']}, {m['cores']} cores; onnxruntime {m['onnxruntime']} on "
@@ -166,10 +154,7 @@ def main() -> None:
     )
     verdict = MET[ratio >= TARGET_RATIO]
     print(f"target: crop ≥ {TARGET_RATIO:.0f}× faster than the full frame: {ratio:.1f}×, {verdict}")
-    report["wall_s"] = time.perf_counter() - t_start
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.out} in {report['wall_s']:.1f} s")
+    write_report(report, args.out, t_start)
 
 
 if __name__ == "__main__":
