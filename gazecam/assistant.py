@@ -112,20 +112,24 @@ class Answer:
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object of ``gazecam ask --json`` and the server's answer frame."""
-        crop = None
-        if self.crop is not None:
-            m = self.crop.matched
-            crop = {
-                "timestamp_ns": m.frame.timestamp_ns,
-                "gaze": [m.gaze_x_px, m.gaze_y_px],
-                "box": self.crop.box.as_list(),
-            }
         return {
             "text": self.text,
             "step": asdict(self.step),
             "timings": asdict(self.timings),
-            "crop": crop,
+            "crop": crop_json(self.crop),
         }
+
+
+def crop_json(crop: Crop | None) -> dict[str, Any] | None:
+    """A crop as clients see it: frame time, gaze point and box in frame pixels."""
+    if crop is None:
+        return None
+    m = crop.matched
+    return {
+        "timestamp_ns": m.frame.timestamp_ns,
+        "gaze": [m.gaze_x_px, m.gaze_y_px],
+        "box": crop.box.as_list(),
+    }
 
 
 def lead_sentence(question: str, step: StepEstimate, card: TaskCard, latest: list[Region]) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 import cv2
 
-from gazecam.assistant import Answer, Assistant, AssistantSettings, Engines
+from gazecam.assistant import Answer, Assistant, AssistantSettings, Engines, crop_json
 from gazecam.records import Crop, SourceEvent
 from gazecam.server.errors import ClientError
 from gazecam.server.pipeline import Pipeline, PipelineStats
@@ -44,18 +44,6 @@ def source_factory(address: str, settings: SourceSettings) -> Callable[[], Sourc
     inner = settings.model_copy(update={"pace": "fast"})
     open_source(address, inner)  # refuses a bad address now, not at every restart
     return lambda: LoopedSource(lambda: open_source(address, inner))
-
-
-def crop_json(crop: Crop | None) -> dict[str, Any] | None:
-    """A crop as the protocol shows it: frame time, gaze point and box in frame pixels."""
-    if crop is None:
-        return None
-    m = crop.matched
-    return {
-        "timestamp_ns": m.frame.timestamp_ns,
-        "gaze": [m.gaze_x_px, m.gaze_y_px],
-        "box": crop.box.as_list(),
-    }
 
 
 class Runtime:
