@@ -156,16 +156,12 @@ class ModelsCommand(BaseModel):
 
     def cli_cmd(self) -> None:
         """Run the command."""
-        from gazecam.models import MODELS, ModelError, ModelSettings, fetch, model_path
+        from gazecam.models import MODELS, ModelSettings, describe, fetch
 
         settings = ModelSettings()
         if self.action == "list":
             for name, spec in MODELS.items():
-                try:
-                    where = str(model_path(name, settings))
-                except ModelError:
-                    where = "not fetched"
-                print(f"{name:20} {spec.licence:40} {where}")
+                print(f"{name:20} {spec.licence:40} {describe(name, settings)}")
             return
         for name in self.names or list(MODELS):
             print(f"{name}: {fetch(name, settings)}")

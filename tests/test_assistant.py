@@ -18,7 +18,6 @@ from gazecam.sources import open_source
 from gazecam.sources.synthetic import START_NS, SyntheticSource
 from gazecam.steps import StepEstimate
 from gazecam.tasks import load_task_card
-from tests.conftest import SHARED
 from tests.perception import require_models
 
 CARD = load_task_card(Path(__file__).parents[1] / "gazecam" / "data" / "demo_task.yaml")
@@ -138,7 +137,6 @@ def test_ask_command_prints_the_answer_and_json(
     real_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     require_models("ppocr-det", "ppocr-rec", "yolox-nano")
-    monkeypatch.setenv("GAZECAM_MODEL_PATH", json.dumps([str(SHARED / "models")]))
     monkeypatch.setenv("GAZECAM_LLM_MODEL_DIR", str(real_dir))
     monkeypatch.setenv("GAZECAM_SYNTHETIC_DURATION_S", "30")
     assert main(["ask", "synthetic:demo", "--at", "13", "--json", "what step am I on?"]) == 0

@@ -16,7 +16,6 @@ import pytest
 from gazecam import bench
 from gazecam.bench_report import METRICS, TARGETS
 from gazecam.cli import main
-from tests.conftest import SHARED
 from tests.perception import require_models
 
 ATTENDED = "attended_kv.p50 full/gaze-sparse"
@@ -49,7 +48,6 @@ def real_run(real_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, redirect_stdout(printed):
-        mp.setenv("GAZECAM_MODEL_PATH", json.dumps([str(SHARED / "models")]))
         mp.setenv("GAZECAM_LLM_MODEL_DIR", str(real_dir))
         mp.setenv("GAZECAM_SYNTHETIC_DURATION_S", "20")
         mp.setattr(bench, "run_bench", spy)

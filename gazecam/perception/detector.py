@@ -1,7 +1,7 @@
 """Object detection with YOLOX-Nano (80 COCO classes) on ONNX Runtime.
 
-The model (see ``../shared/models/yolox-nano/SOURCE.md``) takes a 1×3×416×416 float32 BGR image
-with values 0..255, letterboxed (the image scaled to fit at the top left, the rest filled with
+The model (see ``gazecam/data/models/yolox-nano/SOURCE.md``) takes a 1×3×416×416 float32 BGR
+image with values 0..255, letterboxed (the image scaled to fit at the top left, the rest filled with
 114), and returns 1×3549×85 raw predictions: for each cell of the stride 8, 16 and 32 grids
 (52² + 26² + 13² = 3549), the box centre offset and log-size, the objectness and 80 class
 probabilities. Decoding follows the upstream demo (YOLOX ``demo_postprocess``); non-maximum

@@ -6,10 +6,10 @@ import numpy as np
 
 from gazecam.models import ModelError, ModelSettings, model_path
 from gazecam.records import BGRImage, Box, Crop, CropMode, GazeStatus, MatchedFrame, SceneFrame
-from tests.conftest import SHARED, missing
+from tests.conftest import missing
 
-# yolox-nano is in ../shared/models; the PP-OCR models are fetched into the cache.
-MODELS = ModelSettings(model_path=[SHARED / "models"])
+# yolox-nano ships with gazecam; the PP-OCR models are fetched into the cache.
+MODELS = ModelSettings()
 
 
 def require_models(*names: str) -> ModelSettings:
@@ -18,7 +18,7 @@ def require_models(*names: str) -> ModelSettings:
         try:
             model_path(name, MODELS)
         except ModelError as exc:
-            missing(f"{exc} (../shared/models belongs beside the repository)")
+            missing(str(exc))
     return MODELS
 
 

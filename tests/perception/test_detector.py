@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
+import gazecam.models as models_module
 from gazecam.models import ModelError, ModelSettings
 from gazecam.perception import PerceptionSettings
 from gazecam.perception.detector import COCO_CLASSES, INPUT_SIZE_PX, ObjectDetector, letterbox
@@ -120,6 +121,7 @@ def test_the_model_has_one_score_per_coco_class(detector: ObjectDetector) -> Non
     assert detector.session.get_outputs()[0].shape[-1] == 5 + len(COCO_CLASSES)
 
 
-def test_missing_model_says_what_to_run(tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match=r"yolox-nano: .* run 'gazecam models fetch yolox-nano'"):
+def test_missing_model_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(models_module, "BUNDLED_DIR", tmp_path)  # an install that lost it
+    with pytest.raises(ModelError, match=r"yolox-nano: bundled file .* is missing; reinstall"):
         ObjectDetector(models=ModelSettings(models_dir=tmp_path, model_path=[]))
