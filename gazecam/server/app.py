@@ -19,6 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from gazecam import __version__
 from gazecam.assistant import AssistantSettings, Engines, load_engines, load_task
 from gazecam.server.errors import install_error_handlers
+from gazecam.server.logs import redact_secrets_in_logs
 from gazecam.server.metrics import Metrics
 from gazecam.server.pipeline import PipelineStats
 from gazecam.server.protocol import RateLimiter
@@ -49,6 +50,7 @@ def create_app(
     loads them.
     """
     settings = settings or ServerSettings()
+    redact_secrets_in_logs()
     # A bad task card or source address stops the service here, before anything starts.
     card = load_task(settings.task)
     make_source = source_factory(settings.source, source or SourceSettings())
