@@ -83,6 +83,12 @@ def test_the_answer_reports_the_step_an_event_set(client: TestClient) -> None:
             "l1",
             "question: 600 characters, at most 500 are taken",
         ),
+        # Nesting that made json.loads raise RecursionError, which dropped the socket (1006).
+        ("[" * 4000, None, "not JSON: recursion limit exceeded"),
+        # Escaped lone surrogates: an id that could not be echoed dropped the socket; a
+        # question got "internal" after its first token. The id is not echoed: it is not text.
+        ('{"type": "ask", "id": "\\ud800", "question": "hi"}', None, "escapes come in pairs"),
+        ('{"type": "ask", "id": "s1", "question": "hi \\ud800"}', None, "escapes come in pairs"),
     ],
 )
 def test_bad_messages_get_an_error_and_the_socket_stays_open(

@@ -187,7 +187,8 @@ def test_without_a_token_only_loopback_names_are_served(client: TestClient) -> N
     response = client.get("/v1/status", headers={"Host": "evil.example:8000"})
     assert response.status_code == 403
     assert "without a token only loopback is served" in response.json()["message"]
-    assert client.get("/v1/status", headers={"Host": "localhost:8000"}).status_code == 200
+    for host in ("localhost:8000", "LOCALHOST", "LocalHost.:80", "127.3.2.1", "[::ffff:127.0.0.1]"):
+        assert client.get("/v1/status", headers={"Host": host}).status_code == 200, host
 
 
 def test_the_web_client_is_served(client: TestClient) -> None:
