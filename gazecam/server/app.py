@@ -77,7 +77,18 @@ def create_app(
         finally:
             await runtime.stop()
 
-    app = FastAPI(title="gazecam", version=__version__, lifespan=lifespan)
+    # FastAPI's own /openapi.json, /docs and /redoc would answer without the token: the schema
+    # is served by the api router, behind it, and the docs pages are off (they load their code
+    # from a CDN the box beside the glasses cannot reach, and a browser cannot send the token
+    # with them; docs/protocol.md is the reference).
+    app = FastAPI(
+        title="gazecam",
+        version=__version__,
+        lifespan=lifespan,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.settings = settings
     app.state.metrics = Metrics(stats)
     app.state.rate_limiter = RateLimiter(settings.asks_per_minute)

@@ -71,6 +71,13 @@ class ServerSettings(BaseSettings):
     max_task_bytes: int = Field(
         65536, ge=1024, le=1 << 22, description="A longer task card body is refused (413)."
     )
+    body_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="A request body not fully received this long after the request began is "
+        "refused (408) and its connection closed.",
+    )
     max_clients: int = Field(
         32, ge=1, description="Websocket connections at once; more are closed with code 1013."
     )
