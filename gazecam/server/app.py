@@ -19,6 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from gazecam import __version__
 from gazecam.assistant import AssistantSettings, Engines, load_engines, load_task
 from gazecam.server.errors import install_error_handlers
+from gazecam.server.logs import redact_secrets_in_logs
 from gazecam.server.metrics import Metrics
 from gazecam.server.pipeline import PipelineStats
 from gazecam.server.protocol import RateLimiter
@@ -49,6 +50,7 @@ def create_app(
     loads them.
     """
     settings = settings or ServerSettings()
+    redact_secrets_in_logs()
     # A bad task card or source address stops the service here, before anything starts.
     card = load_task(settings.task)
     make_source = source_factory(settings.source, source or SourceSettings())
@@ -75,7 +77,18 @@ def create_app(
         finally:
             await runtime.stop()
 
-    app = FastAPI(title="gazecam", version=__version__, lifespan=lifespan)
+    # FastAPI's own /openapi.json, /docs and /redoc would answer without the token: the schema
+    # is served by the api router, behind it, and the docs pages are off (they load their code
+    # from a CDN the box beside the glasses cannot reach, and a browser cannot send the token
+    # with them; docs/protocol.md is the reference).
+    app = FastAPI(
+        title="gazecam",
+        version=__version__,
+        lifespan=lifespan,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.settings = settings
     app.state.metrics = Metrics(stats)
     app.state.rate_limiter = RateLimiter(settings.asks_per_minute)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
+from gazecam.errors import ConfigError
 from gazecam.server.settings import ServerSettings
 
 
@@ -44,8 +45,24 @@ class ServeCommand(BaseModel):
             "port": self.port,
         }
         # A flag left out keeps the setting from the environment or its default.
-        settings = ServerSettings(
-            **{key: value for key, value in flags.items() if value is not None}
-        )
+        try:
+            settings = ServerSettings(
+                **{key: value for key, value in flags.items() if value is not None}
+            )
+        except ValidationError as exc:
+            raise ConfigError(_settings_problem(exc)) from exc
         logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
         serve(settings)
+
+
+def _settings_problem(exc: ValidationError) -> str:
+    """One line naming each bad setting as the user sets it: its flag and variable, or only
+    the variable for the settings ``serve`` has no flag for (the token, the limits)."""
+    problems = []
+    for error in exc.errors():
+        name = str(error["loc"][-1]) if error["loc"] else "settings"
+        where = f"GAZECAM_{name.upper()}"
+        if name in ServeCommand.model_fields:
+            where = f"--{name} / {where}"
+        problems.append(f"{where}: {error['msg']}")
+    return "; ".join(problems)

@@ -9,12 +9,13 @@ the client only as ``internal``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gazecam.assistant import QuestionError
@@ -27,6 +28,8 @@ ErrorCode = Literal[
     "unauthorized",
     "forbidden",
     "not_found",
+    "method_not_allowed",
+    "timeout",
     "too_large",
     "not_ready",
     "busy",
@@ -38,6 +41,8 @@ _STATUS: dict[ErrorCode, int] = {
     "unauthorized": 401,
     "forbidden": 403,
     "not_found": 404,
+    "method_not_allowed": 405,
+    "timeout": 408,
     "too_large": 413,
     "not_ready": 503,
     "busy": 409,
@@ -50,10 +55,15 @@ _CODE_OF_STATUS = {status: code for code, status in _STATUS.items()}
 class ClientError(Exception):
     """A request the service refuses, with the code and one-line message the client gets."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(
+        self, code: ErrorCode, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.code: ErrorCode = code
         self.message = message
+        self.headers = dict(headers or {})  # HTTP only: e.g. Allow with a 405
+        if code == "unauthorized":
+            self.headers["WWW-Authenticate"] = "Bearer"
 
     @property
     def status(self) -> int:
@@ -63,6 +73,23 @@ class ClientError(Exception):
     def frame(self, request_id: str | None = None) -> dict[str, Any]:
         """The error object, as a websocket frame or an HTTP body."""
         return {"type": "error", "id": request_id, "code": self.code, "message": self.message}
+
+
+class ErrorFrame(BaseModel):
+    """The error object (documents the error responses in the OpenAPI schema)."""
+
+    type: Literal["error"]
+    id: str | None = Field(description="The ask's id on a websocket; null over HTTP.")
+    code: ErrorCode
+    message: str = Field(description="One line, for people.")
+
+
+def error_responses(*codes: ErrorCode) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI ``responses`` of a route that may answer with these errors."""
+    return {
+        _STATUS[code]: {"model": ErrorFrame, "description": f"{code} (the error object)"}
+        for code in codes
+    }
 
 
 def _validation_message(exc: ValidationError | RequestValidationError) -> str:
@@ -80,8 +107,9 @@ def client_error(exc: BaseException) -> ClientError:
     if isinstance(exc, ValidationError | RequestValidationError):
         return ClientError("bad_request", _validation_message(exc))
     if isinstance(exc, StarletteHTTPException):
+        # Starlette's own refusals: an unknown route (404), a wrong method (405, with Allow).
         code = _CODE_OF_STATUS.get(exc.status_code, "bad_request")
-        return ClientError(code, str(exc.detail))
+        return ClientError(code, str(exc.detail), exc.headers)
     if isinstance(exc, GazecamError):
         logger.error("request failed: %s", exc)
         return ClientError("internal", str(exc))
@@ -91,8 +119,7 @@ def client_error(exc: BaseException) -> ClientError:
 
 async def _respond(request: Request, exc: Exception) -> JSONResponse:
     error = client_error(exc)
-    headers = {"WWW-Authenticate": "Bearer"} if error.code == "unauthorized" else None
-    return JSONResponse(error.frame(), status_code=error.status, headers=headers)
+    return JSONResponse(error.frame(), status_code=error.status, headers=error.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -3,12 +3,12 @@ and how often a client may ask (see docs/protocol.md)."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections import deque
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import from_json
 
 from gazecam.server.errors import ClientError
 
@@ -39,16 +39,26 @@ class EventMessage(BaseModel):
 
 
 def decode_message(text: str | None, data: bytes | None, max_bytes: int) -> dict[str, Any]:
-    """A websocket message as a JSON object, or a bad_request ClientError."""
+    """A websocket message as a JSON object, or a bad_request ClientError.
+
+    pydantic's JSON parser, not the json module's: it refuses nesting deeper than 200 levels
+    (json.loads recurses until RecursionError) and escaped lone surrogates (``"\\ud800"``),
+    which are not text: no reply could carry them, and the model could not read them.
+    """
     if text is None:
         raise ClientError("bad_request", "send JSON text messages, not binary ones")
-    size = len(text.encode())
-    if size > max_bytes:
-        raise ClientError("bad_request", f"message of {size} bytes: at most {max_bytes} are taken")
+    # surrogatepass: a lone surrogate in the text itself fails below, in the parser.
+    encoded = text.encode(errors="surrogatepass")
+    if len(encoded) > max_bytes:
+        raise ClientError(
+            "bad_request", f"message of {len(encoded)} bytes: at most {max_bytes} are taken"
+        )
     try:
-        message = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ClientError("bad_request", f"not JSON: {exc}") from exc
+        message = from_json(encoded)
+    except ValueError as exc:
+        # The parser's words for "\\ud800" are about the escape; say what it must be.
+        hint = " (\\uD800-\\uDFFF escapes come in pairs)" if "escape" in str(exc) else ""
+        raise ClientError("bad_request", f"not JSON: {exc}{hint}") from exc
     if not isinstance(message, dict):
         raise ClientError("bad_request", "a message is a JSON object")
     return message

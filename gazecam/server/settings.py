@@ -9,6 +9,7 @@ without a token, or with a token short enough to guess.
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,13 +18,25 @@ MIN_TOKEN_CHARS = 16
 
 
 def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a name or an address) is this machine only."""
-    if host == "localhost":
+    """Whether ``host`` is this machine only: ``localhost`` (any case), or a numeric address in
+    127.0.0.0/8 or ::1 in any form the resolver takes (``127.1``, ``::ffff:127.0.0.1``)."""
+    # Names are case-insensitive, and a trailing dot only says the name is fully qualified.
+    if host.lower().removesuffix(".") == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name other than localhost may resolve anywhere
+        # Numeric only: no name is looked up (another name may resolve anywhere), and the
+        # address is read as the server reads the one it listens on.
+        found = socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)
+    except (OSError, UnicodeError, ValueError):
         return False
+    return all(_loopback_address(str(info[4][0])) for info in found)
+
+
+def _loopback_address(text: str) -> bool:
+    address = ipaddress.ip_address(text.partition("%")[0])  # without an IPv6 zone
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 class ServerSettings(BaseSettings):
@@ -58,6 +71,13 @@ class ServerSettings(BaseSettings):
     max_task_bytes: int = Field(
         65536, ge=1024, le=1 << 22, description="A longer task card body is refused (413)."
     )
+    body_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="A request body not fully received this long after the request began is "
+        "refused (408) and its connection closed.",
+    )
     max_clients: int = Field(
         32, ge=1, description="Websocket connections at once; more are closed with code 1013."
     )
@@ -80,6 +100,8 @@ class ServerSettings(BaseSettings):
     @classmethod
     def _token_long_enough(cls, token: SecretStr | None) -> SecretStr | None:
         if token is not None and len(token.get_secret_value()) < MIN_TOKEN_CHARS:
+            # The command names it as GAZECAM_TOKEN: only the environment sets it (a flag
+            # would show it in the process list).
             raise ValueError(f"the token needs at least {MIN_TOKEN_CHARS} characters")
         return token
 

@@ -83,6 +83,12 @@ def test_the_answer_reports_the_step_an_event_set(client: TestClient) -> None:
             "l1",
             "question: 600 characters, at most 500 are taken",
         ),
+        # Nesting that made json.loads raise RecursionError, which dropped the socket (1006).
+        ("[" * 4000, None, "not JSON: recursion limit exceeded"),
+        # Escaped lone surrogates: an id that could not be echoed dropped the socket; a
+        # question got "internal" after its first token. The id is not echoed: it is not text.
+        ('{"type": "ask", "id": "\\ud800", "question": "hi"}', None, "escapes come in pairs"),
+        ('{"type": "ask", "id": "s1", "question": "hi \\ud800"}', None, "escapes come in pairs"),
     ],
 )
 def test_bad_messages_get_an_error_and_the_socket_stays_open(
@@ -146,7 +152,7 @@ def guarded(make_app: Callable[..., FastAPI]) -> Iterator[TestClient]:
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 
 
-@pytest.mark.parametrize("route", ["/v1/status", "/v1/crop.jpg", "/metrics"])
+@pytest.mark.parametrize("route", ["/v1/status", "/v1/crop.jpg", "/metrics", "/openapi.json"])
 def test_a_token_is_needed_for_every_route_but_health(guarded: TestClient, route: str) -> None:
     for headers in (
         {},
@@ -161,6 +167,15 @@ def test_a_token_is_needed_for_every_route_but_health(guarded: TestClient, route
     assert guarded.post("/v1/events", json={"name": "step.next"}).status_code == 401
     assert guarded.post("/v1/task", content="name: x").status_code == 401
     assert guarded.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("route", ["/docs", "/redoc", "/docs/oauth2-redirect"])
+def test_the_docs_pages_are_off(guarded: TestClient, route: str) -> None:
+    # They answered without the token; the schema they showed is behind it (above).
+    for headers in ({}, BEARER):
+        response = guarded.get(route, headers=headers)
+        assert response.status_code == 404 and response.json()["code"] == "not_found"
+    assert guarded.get("/openapi.json", headers=BEARER).json()["info"]["title"] == "gazecam"
 
 
 @pytest.mark.parametrize("route", ["/v1/ask", "/v1/live"])

@@ -165,6 +165,37 @@ def test_unknown_routes_answer_with_the_error_object(client: TestClient) -> None
     }
 
 
+@pytest.mark.parametrize(
+    ("method", "route", "allow"),
+    [
+        ("GET", "/v1/task", "POST"),
+        ("DELETE", "/v1/status", "GET"),
+        ("TRACE", "/v1/events", "POST"),
+        ("TRACE", "/healthz", "GET"),
+        ("POST", "/static/app.js", "GET, HEAD"),
+    ],
+)
+def test_a_wrong_method_is_405_with_allow(
+    client: TestClient, method: str, route: str, allow: str
+) -> None:
+    response = client.request(method, route)
+    assert response.status_code == 405  # it was 400
+    assert response.headers["allow"] == allow
+    assert response.json() == {
+        "type": "error",
+        "id": None,
+        "code": "method_not_allowed",
+        "message": "Method Not Allowed",
+    }
+
+
+def test_a_body_announced_over_the_limit_is_refused_before_it_is_read(client: TestClient) -> None:
+    # The 20 bytes sent are within the limit: the announced length alone refuses it.
+    response = client.post("/v1/task", content=b"x" * 20, headers={"content-length": "10" * 5})
+    assert response.status_code == 413
+    assert response.json()["message"] == "body longer than 2048 bytes"
+
+
 def test_pages_of_other_sites_are_refused(client: TestClient) -> None:
     evil = {"Origin": "http://evil.example"}
     response = client.post("/v1/events", json={"name": "step.next"}, headers=evil)
@@ -187,7 +218,8 @@ def test_without_a_token_only_loopback_names_are_served(client: TestClient) -> N
     response = client.get("/v1/status", headers={"Host": "evil.example:8000"})
     assert response.status_code == 403
     assert "without a token only loopback is served" in response.json()["message"]
-    assert client.get("/v1/status", headers={"Host": "localhost:8000"}).status_code == 200
+    for host in ("localhost:8000", "LOCALHOST", "LocalHost.:80", "127.3.2.1", "[::ffff:127.0.0.1]"):
+        assert client.get("/v1/status", headers={"Host": host}).status_code == 200, host
 
 
 def test_the_web_client_is_served(client: TestClient) -> None:

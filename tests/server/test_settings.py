@@ -9,6 +9,8 @@ import pytest
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
+from gazecam.cli import main
+from gazecam.errors import ConfigError
 from gazecam.server import app as server_app
 from gazecam.server.command import ServeCommand
 from gazecam.server.errors import ClientError
@@ -30,13 +32,40 @@ def test_defaults_are_the_looped_demo_on_loopback(monkeypatch: pytest.MonkeyPatc
     assert all(field.description for field in ServerSettings.model_fields.values())
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1",
+        "127.0.0.2",
+        "127.255.255.254",
+        "127.1",  # the resolver's short form, as uvicorn would bind it
+        "::1",
+        "0:0:0:0:0:0:0:1",
+        "::ffff:127.0.0.1",
+        "localhost",
+        "LOCALHOST",
+        "LocalHost",
+        "localhost.",
+    ],
+)
 def test_loopback_hosts_need_no_token(host: str) -> None:
     assert is_loopback(host)
     assert ServerSettings(host=host, token=None).host == host
 
 
-@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "gazecam.local"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "0.0.0.0",
+        "::",
+        "192.168.1.20",
+        "128.0.0.1",
+        "::ffff:10.0.0.1",
+        "gazecam.local",
+        "localhost.evil.example",
+        "127.0.0.1.evil.example",
+    ],
+)
 def test_other_hosts_are_refused_without_a_token(host: str) -> None:
     with pytest.raises(ValidationError, match="set GAZECAM_TOKEN"):
         ServerSettings(host=host, token=None)
@@ -47,6 +76,18 @@ def test_a_short_token_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GAZECAM_TOKEN", "secret")
     with pytest.raises(ValidationError, match="at least 16 characters"):
         ServerSettings()
+
+
+def test_a_short_token_is_named_as_the_variable_that_sets_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # serve has no --token flag (it would show the token in the process list).
+    monkeypatch.setenv("GAZECAM_TOKEN", "secret")
+    monkeypatch.setattr(server_app, "serve", lambda settings: pytest.fail("must not serve"))
+    assert main(["serve"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("gazecam: error: GAZECAM_TOKEN: ") and "--token" not in error
+    assert "the token needs at least 16 characters" in error and "secret" not in error
 
 
 def test_the_token_is_not_shown() -> None:
@@ -67,8 +108,13 @@ def test_serve_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -
 def test_serve_refuses_an_open_host_without_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GAZECAM_TOKEN", raising=False)
     monkeypatch.setattr(server_app, "serve", lambda settings: pytest.fail("must not serve"))
-    with pytest.raises(ValidationError, match=r"0\.0\.0\.0 is reachable from other machines"):
+    with pytest.raises(
+        ConfigError, match=r"^--host / GAZECAM_HOST: .*0\.0\.0\.0 is reachable from other machines"
+    ):
         CliApp.run(ServeCommand, cli_args=["--host", "0.0.0.0"])
+
+
+LONE_SURROGATE = r"not JSON: .*escape.* \(\\uD800-\\uDFFF escapes come in pairs\)"
 
 
 @pytest.mark.parametrize(
@@ -78,6 +124,13 @@ def test_serve_refuses_an_open_host_without_a_token(monkeypatch: pytest.MonkeyPa
         ("{nope", "not JSON"),
         ("[1, 2]", "a message is a JSON object"),
         ("x" * 5000, "message of 5000 bytes: at most 4096"),
+        # json.loads recursed into a RecursionError here, which dropped the socket.
+        ("[" * 4000, "not JSON: recursion limit exceeded"),
+        ('{"a":' * 600 + "1" + "}" * 600, "not JSON: recursion limit exceeded"),
+        # Escaped lone surrogates are not text: no reply can carry them.
+        ('{"type": "ask", "id": "\\ud800", "question": "hi"}', LONE_SURROGATE),
+        ('{"type": "ask", "id": "q", "question": "\\udc00?"}', LONE_SURROGATE),
+        ("\ud800", "not JSON"),  # one in the text itself (no websocket delivers it)
     ],
 )
 def test_undecodable_messages_are_bad_requests(text: str | None, message: str) -> None:

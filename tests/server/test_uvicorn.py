@@ -1,12 +1,15 @@
 """The service on uvicorn (127.0.0.1) with real websocket clients: eight clients asking at
-once each get their own answer, the live state streams, oversized messages are handled."""
+once each get their own answer, the live state streams, oversized messages are handled; and
+raw HTTP clients that lie about their bodies."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import statistics
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -30,6 +33,9 @@ QUESTIONS = (
 )
 
 
+BODY_TIMEOUT_S = 1.0
+
+
 def get(url: str) -> str:
     """The body of a GET, as text."""
     with urllib.request.urlopen(url) as response:
@@ -38,7 +44,7 @@ def get(url: str) -> str:
 
 @pytest.fixture(scope="module")
 def server(make_app: Callable[..., FastAPI]) -> Iterator[str]:
-    with uvicorn_server(make_app()) as address:
+    with uvicorn_server(make_app(body_timeout_s=BODY_TIMEOUT_S)) as address:
         wait_for(
             lambda: json.loads(get(f"http://{address}/v1/status"))["frames"]["keyframes_perceived"],
             what="the first perceived keyframe",
@@ -130,3 +136,42 @@ async def test_a_huge_message_closes_only_its_own_socket(server: str) -> None:
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
     result = await ask_once(server, "fine", "What step am I on?")
     assert result["frames"][-1]["type"] == "answer"
+
+
+def raw_post(address: str, content_length: int, body: bytes) -> tuple[bytes, float]:
+    """POST a task card whose Content-Length is ``content_length`` but send only ``body``;
+    the whole reply until the server closes the connection, and the seconds that took."""
+    host, port = address.split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        started = time.perf_counter()
+        connection.sendall(
+            b"POST /v1/task HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\n"
+            + f"Content-Length: {content_length}\r\n\r\n".encode()
+            + body
+        )
+        reply = b""
+        while chunk := connection.recv(65536):  # until the server closes it
+            reply += chunk
+        return reply, time.perf_counter() - started
+
+
+def test_a_body_announced_over_the_limit_is_refused_at_once(server: str) -> None:
+    # 10 GB announced, 20 bytes sent: the connection was held open, waiting for the rest.
+    reply, took_s = raw_post(server, 10_000_000_000, b"name: x\nsteps: []\n\n")
+    assert reply.startswith(b"HTTP/1.1 413 "), reply
+    assert b'"code":"too_large"' in reply and took_s < BODY_TIMEOUT_S
+
+
+def test_a_body_that_does_not_come_is_refused_after_the_timeout(server: str) -> None:
+    reply, took_s = raw_post(server, 1000, b"name: x\n")
+    assert reply.startswith(b"HTTP/1.1 408 "), reply
+    assert b'"code":"timeout"' in reply and b"body not received within 1 s" in reply
+    assert BODY_TIMEOUT_S <= took_s < BODY_TIMEOUT_S + 5
+
+
+def test_a_wrong_method_is_405_on_the_wire(server: str) -> None:
+    for method in ("GET", "TRACE"):
+        request = urllib.request.Request(f"http://{server}/v1/events", method=method)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request)
+        assert refused.value.code == 405 and refused.value.headers["allow"] == "POST"
