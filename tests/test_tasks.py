@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pydantic
@@ -198,3 +199,27 @@ def test_deep_nesting_and_aliases_are_refused_in_one_line(
     with pytest.raises(ConfigError) as caught:
         load_task_card(path)
     assert str(caught.value) == f"{path}: {problem}"
+
+
+def long_card_yaml(steps: int = 6, instruction_chars: int = 5000) -> str:
+    """A valid card of long steps: by default about 30 KB, 7,400 tokens of SmolLM2."""
+    rng = random.Random(0)
+    text = (
+        "undo the four screws on front cover lift it off and set aside a clean cloth so "
+        "gaskets stay free of dust check each thread for damage before you go on"
+    )
+    words = text.split()
+    lines = []
+    for i in range(1, steps + 1):
+        sentences = []
+        while sum(len(s) + 1 for s in sentences) < instruction_chars:
+            sentences.append(" ".join(rng.choices(words, k=12)).capitalize() + ".")
+        lines.append(f"  - title: Long step {i}\n    instruction: {' '.join(sentences)}\n")
+    return "name: A long procedure\nsteps:\n" + "".join(lines)
+
+
+def test_a_long_card_is_valid() -> None:
+    text = long_card_yaml()
+    assert 29_000 < len(text.encode()) < 32_000
+    card = TaskCard.from_yaml_text(text, "inline")
+    assert len(card.steps) == 6 and all(len(s.instruction) >= 5000 for s in card.steps)
