@@ -96,8 +96,9 @@ class AssistantSettings(BaseSettings):
         description="The task card's share of the language model's context, in tokens: a card "
         "that fits is given verbatim, a longer one with each step's 'title: instruction' cut "
         "to the same length, the longest that fits. The context is prefilled once per card "
-        "and attended at every answer token: 512 tokens prefill in about 1.5 s (2-core CPU) "
-        "and keep the prefill's buffers small. This, GAZECAM_MEMORY_MAX_REGIONS × "
+        "and attended at every answer token, so its length sets the card's load time, the "
+        "prefill's peak memory (512 tokens: about 130 MB; a 7,400-token card took 1.7 GB) and "
+        "the time per answer token. This, GAZECAM_MEMORY_MAX_REGIONS × "
         f"{REGION_MAX_TOKENS} and {LOCAL_RESERVE} for the ask must fit the model's positions "
         "(8192 for SmolLM2).",
     )
@@ -206,9 +207,9 @@ def context_text(card: TaskCard, fits: Callable[[str], bool] = lambda _: True) -
 
     The card is verbatim when that ``fits``. Otherwise its name and each step's line
     ("title: instruction") are cut to the same number of characters, the most that fits, so
-    short lines stay whole and every step keeps at least the start of its title; the ask
-    prompt adds the current step's whole line (see ``Assistant.ask``). Raises
-    CardTooLargeError if not even one character per line fits.
+    short lines stay whole and every step keeps at least the start of its title; each ask's
+    prompt adds the current step's line, up to ``STEP_PROMPT_MAX_TOKENS`` (see
+    ``Assistant.ask``). Raises CardTooLargeError if not even one character per line fits.
     """
     lines = [f"{s.title}: {s.instruction}" for s in card.steps]
 
