@@ -8,12 +8,19 @@ decodes, attending to the context, the top-k regions and its own tokens.
 What the answer says about the step, what is next, and what the wearer looks at or just read
 comes from the tracker and the memory, never from the model's imagination: it opens the answer
 as a fixed lead sentence, and the model continues from it.
+
+Every piece of text the model gets has a bound in tokens, so that the context, a full memory
+and an ask always fit the model's positions: the task card takes at most
+``context_max_tokens`` (see ``context_text``), each region line at most ``REGION_MAX_TOKENS``,
+and the current step's line in the ask prompt at most ``STEP_PROMPT_MAX_TOKENS``; the question,
+that line, the lead sentence and the answer share the model's ``LOCAL_RESERVE``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from bisect import bisect_right
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -22,17 +29,26 @@ from typing import Any, Protocol
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gazecam.errors import GazecamError
-from gazecam.llm.decoder import GenerationStats, LanguageModel
+from gazecam.errors import ConfigError, GazecamError
+from gazecam.llm.decoder import LOCAL_RESERVE, GenerationStats, LanguageModel
+from gazecam.llm.tokenizer import context_prompt
 from gazecam.memory import MemorySettings, VisualMemory
 from gazecam.models import ModelSettings, fetch
 from gazecam.perception import Perception
 from gazecam.records import Crop, Region, SourceEvent
 from gazecam.steps import StepEstimate, StepSettings, StepTracker
-from gazecam.tasks import TaskCard, load_task_card
+from gazecam.tasks import CardTooLargeError, TaskCard, load_task_card
 
 ASSISTANT_MODELS = ("ppocr-det", "ppocr-rec", "yolox-nano", "smollm2-135m-gguf")
 BUNDLED_TASKS = {"demo": Path(__file__).parent / "data" / "demo_task.yaml"}
+# A region's line ("- text 'CHECK FUSE', 12 px from the gaze point"): about 15 tokens; an OCR
+# line across a whole 448 px crop stays well under this.
+REGION_MAX_TOKENS = 64
+# The current step's "title. instruction" in the ask prompt: a sentence or two.
+STEP_PROMPT_MAX_TOKENS = 128
+# The least context budget that holds any card: MAX_STEPS step lines cut to their first
+# character take about 7 tokens each, the role and the headings about 40.
+MIN_CONTEXT_TOKENS = 384
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,11 +90,26 @@ class AssistantSettings(BaseSettings):
     answer_max_tokens: int = Field(
         40, ge=1, le=512, description="At most this many tokens of model text per answer."
     )
+    context_max_tokens: int = Field(
+        512,
+        ge=MIN_CONTEXT_TOKENS,
+        description="The task card's share of the language model's context, in tokens: a card "
+        "that fits is given verbatim, a longer one with each step's 'title: instruction' cut "
+        "to the same length, the longest that fits. The context is prefilled once per card "
+        "and attended at every answer token, so its length sets the card's load time, the "
+        "prefill's peak memory (512 tokens: about 130 MB; a 7,400-token card took 1.7 GB) and "
+        "the time per answer token. This, GAZECAM_MEMORY_MAX_REGIONS × "
+        f"{REGION_MAX_TOKENS} and {LOCAL_RESERVE} for the ask must fit the model's positions "
+        "(8192 for SmolLM2).",
+    )
 
 
 class Model(Protocol):
     """The decoder role: context, region KV groups, and streamed generation."""
 
+    max_positions: int
+
+    def count_tokens(self, text: str) -> int: ...
     def set_context(self, text: str) -> None: ...
     def add_region(self, region_id: str, text: str, gaze_prior: float) -> None: ...
     def drop_region(self, region_id: str) -> bool: ...
@@ -153,13 +184,65 @@ def lead_sentence(question: str, step: StepEstimate, card: TaskCard, latest: lis
     return ""
 
 
-def context_text(card: TaskCard) -> str:
-    """The always-kept context: the assistant's role and the task card."""
-    steps = "\n".join(f"{i}. {s.title}: {s.instruction}" for i, s in enumerate(card.steps, 1))
-    return (
-        "You help a person who wears eye-tracking glasses while doing a task. Answer in one "
-        f"short sentence.\nTask: {card.name}\nSteps:\n{steps}\nWhat the person looked at:"
+def cut(text: str, max_chars: int) -> str:
+    """``text``, or when it is longer than ``max_chars`` its start and an ellipsis."""
+    return text if len(text) <= max_chars else text[: max_chars - 1].rstrip() + "…"
+
+
+def longest_fit(render: Callable[[int], str], longest: int, fits: Callable[[str], bool]) -> str:
+    """``render(k)`` for the largest k in 1..``longest`` that ``fits``; ``render(longest)``
+    is the uncut text. Raises CardTooLargeError when not even ``render(1)`` fits."""
+    if fits(text := render(longest)):
+        return text
+    k = bisect_right(range(1, longest + 1), False, key=lambda k: not fits(render(k)))
+    while k and not fits(render(k)):  # a cut one character longer may take one token fewer
+        k -= 1
+    if not k:
+        raise CardTooLargeError("the text does not fit even cut to its first character")
+    return render(k)
+
+
+def context_text(card: TaskCard, fits: Callable[[str], bool] = lambda _: True) -> str:
+    """The always-kept context: the assistant's role and the task card.
+
+    The card is verbatim when that ``fits``. Otherwise its name and each step's line
+    ("title: instruction") are cut to the same number of characters, the most that fits, so
+    short lines stay whole and every step keeps at least the start of its title; each ask's
+    prompt adds the current step's line, up to ``STEP_PROMPT_MAX_TOKENS`` (see
+    ``Assistant.ask``). Raises CardTooLargeError if not even one character per line fits.
+    """
+    lines = [f"{s.title}: {s.instruction}" for s in card.steps]
+
+    def render(k: int) -> str:
+        steps = "\n".join(f"{i}. {cut(line, k)}" for i, line in enumerate(lines, 1))
+        return (
+            "You help a person who wears eye-tracking glasses while doing a task. Answer in one "
+            f"short sentence.\nTask: {cut(card.name, k)}\nSteps:\n{steps}\n"
+            "What the person looked at:"
+        )
+
+    try:
+        return longest_fit(render, max(len(card.name), *map(len, lines)), fits)
+    except CardTooLargeError as exc:
+        raise CardTooLargeError(
+            f"task card {card.name!r}: its {len(card.steps)} steps do not fit the context "
+            "even cut to a character each (GAZECAM_CONTEXT_MAX_TOKENS)"
+        ) from exc
+
+
+def check_positions(settings: AssistantSettings, memory: MemorySettings, positions: int) -> None:
+    """Refuse settings under which the context, a full memory and an ask could overflow the
+    model's ``positions``."""
+    needed = (
+        settings.context_max_tokens + memory.memory_max_regions * REGION_MAX_TOKENS + LOCAL_RESERVE
     )
+    if needed > positions:
+        raise ConfigError(
+            f"GAZECAM_CONTEXT_MAX_TOKENS ({settings.context_max_tokens}) + "
+            f"GAZECAM_MEMORY_MAX_REGIONS ({memory.memory_max_regions}) × {REGION_MAX_TOKENS} "
+            f"tokens + {LOCAL_RESERVE} for the ask need {needed} positions; the language model "
+            f"has {positions}"
+        )
 
 
 class Assistant:
@@ -183,7 +266,23 @@ class Assistant:
         self.latest_crop: Crop | None = None
         self.latest_regions: list[Region] = []
         self.perception_ms = 0.0
-        model.set_context(context_text(card))
+        check_positions(self.settings, self.memory.settings, model.max_positions)
+        budget = self.settings.context_max_tokens
+        self.context = context_text(
+            card, lambda text: model.count_tokens(context_prompt(text)) <= budget
+        )
+        self.context_tokens = model.count_tokens(context_prompt(self.context))
+        # Each step's line for the ask prompt, cut once per card rather than at every ask.
+        self._step_lines = [
+            self._cut(f"{s.title}. {s.instruction}", STEP_PROMPT_MAX_TOKENS) for s in card.steps
+        ]
+        model.set_context(self.context)
+
+    def _cut(self, text: str, max_tokens: int) -> str:
+        """``text``, cut with an ellipsis to the most characters that take ``max_tokens``."""
+        return longest_fit(
+            partial(cut, text), len(text), lambda t: self.model.count_tokens(t) <= max_tokens
+        )
 
     def observe_keyframe(self, crop: Crop) -> list[Region]:
         """Perceive a keyframe's crop and bring tracker, memory and model KV up to date.
@@ -200,7 +299,8 @@ class Assistant:
         for region_id in dropped:
             self.model.drop_region(region_id)
         for entry in added:
-            self.model.add_region(entry.region_id, entry.text, entry.gaze_prior)
+            text = self._cut(entry.text, REGION_MAX_TOKENS)
+            self.model.add_region(entry.region_id, text, entry.gaze_prior)
         self.latest_crop, self.latest_regions = crop, regions
         return regions
 
@@ -226,8 +326,8 @@ class Assistant:
         started = time.perf_counter()
         step = self.tracker.current()
         lead = lead_sentence(question, step, self.card, self.latest_regions)
-        now = self.card.steps[step.index - 1]
-        prompt = f"{question}\n(The person is on step {step.index}: {now.title}. {now.instruction})"
+        now = self._step_lines[step.index - 1]
+        prompt = f"{question}\n(The person is on step {step.index}: {now})"
         if lead:
             yield lead
         generated: list[str] = []

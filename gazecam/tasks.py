@@ -15,6 +15,14 @@ A card looks like this::
 Cues are optional. A bad card is refused with a one-line ``ConfigError`` that names the file,
 the field path and the problem; list positions in the path count from 1, as steps do everywhere
 else (``step.set:2`` is the second step, and so is ``steps.2``).
+
+A card has at most ``MAX_STEPS`` steps, and its name and titles are short: they are said in
+every answer's lead sentence, and the assistant's context must hold every step of the card at
+least by the start of its title (``gazecam.assistant.context_text``). A card over one of these
+limits is refused as too large (``CardTooLargeError``). Instructions may be of any length: the
+assistant cuts them to fit its context budget. The YAML may nest at most ``MAX_YAML_DEPTH``
+levels and may not use aliases (``*name``): a card needs neither, and both could otherwise
+exhaust the process (recursion, or the exponential expansion of nested aliases).
 """
 
 from __future__ import annotations
@@ -33,6 +41,16 @@ from pydantic import (
 )
 
 from gazecam.errors import ConfigError
+
+MAX_STEPS = 50
+MAX_NAME_CHARS = 120
+MAX_TITLE_CHARS = 80
+# A card's deepest value (a cue) is 6 levels down: card, steps, step, cues, text, cue.
+MAX_YAML_DEPTH = 16
+
+
+class CardTooLargeError(ConfigError):
+    """A task card over one of its size limits (steps, name or title length)."""
 
 
 def normalise_cue(text: str) -> str:
@@ -74,8 +92,13 @@ class Step(BaseModel):
 
     model_config = _FROZEN
 
-    title: NonEmptyText = Field(description="Short name of the step, shown to the wearer.")
-    instruction: str = Field(description="What to do in this step, in a sentence or two.")
+    title: NonEmptyText = Field(
+        max_length=MAX_TITLE_CHARS, description="Short name of the step, shown to the wearer."
+    )
+    instruction: str = Field(
+        description="What to do in this step, in a sentence or two (a longer one is cut in "
+        "the language model's prompt)."
+    )
     cues: Cues = Field(Cues(), description="Evidence that this step is under way (optional).")
 
 
@@ -84,14 +107,16 @@ class TaskCard(BaseModel):
 
     model_config = _FROZEN
 
-    name: NonEmptyText = Field(description="Name of the procedure.")
-    steps: tuple[Step, ...] = Field(min_length=1, description="The steps, in order.")
+    name: NonEmptyText = Field(max_length=MAX_NAME_CHARS, description="Name of the procedure.")
+    steps: tuple[Step, ...] = Field(
+        min_length=1, max_length=MAX_STEPS, description="The steps, in order."
+    )
 
     @classmethod
     def from_yaml_text(cls, text: str, source_name: str) -> TaskCard:
         """Parse and validate a card; ``source_name`` (a file name) starts any error message."""
         try:
-            data: Any = yaml.safe_load(text)
+            data: Any = yaml.load(text, _CardLoader)  # a SafeLoader: plain data only
         except yaml.YAMLError as exc:
             raise ConfigError(f"{source_name}: {_yaml_problem(exc)}") from exc
         if data is None:
@@ -99,7 +124,9 @@ class TaskCard(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(f"{source_name}: {_first_problem(exc)}") from exc
+            problem, too_long = _first_problem(exc)
+            error = CardTooLargeError if too_long else ConfigError
+            raise error(f"{source_name}: {problem}") from exc
 
 
 def load_task_card(path: str | Path) -> TaskCard:
@@ -113,15 +140,49 @@ def load_task_card(path: str | Path) -> TaskCard:
     return TaskCard.from_yaml_text(text, str(path))
 
 
+class _RefusedYAML(yaml.MarkedYAMLError):  # type: ignore[misc]  # yaml is untyped here
+    """Well-formed YAML that a task card never needs and that could exhaust the process."""
+
+
+class _CardLoader(yaml.SafeLoader):  # type: ignore[misc]
+    """PyYAML's SafeLoader, refusing aliases and nesting deeper than ``MAX_YAML_DEPTH``.
+
+    The composer builds nodes recursively, one Python frame per level, so ``[[[...]]]`` 10,000
+    deep raised RecursionError; counting the depth here refuses it at its 17th level. Aliases
+    are refused outright: ``safe_load`` shares the aliased node, but validating the card walks
+    every reference, so nine nested levels of nine aliases each are 9^9 values.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            problem = "aliases (*name) are not allowed in a task card"
+            raise _RefusedYAML(None, None, problem, event.start_mark)
+        if self._depth == MAX_YAML_DEPTH:
+            problem = f"nested deeper than {MAX_YAML_DEPTH} levels (a task card needs 6)"
+            raise _RefusedYAML(None, None, problem, event.start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
         mark = exc.problem_mark
-        return f"YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+        kind = "YAML" if isinstance(exc, _RefusedYAML) else "YAML syntax error"
+        return f"{kind} at line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
     return "YAML syntax error: " + " ".join(str(exc).split())
 
 
-def _first_problem(exc: ValidationError) -> str:
-    """The first error as ``field.path: message``, counting list positions from 1."""
+def _first_problem(exc: ValidationError) -> tuple[str, bool]:
+    """The first error as ``field.path: message``, counting list positions from 1, and whether
+    it is a value over its length limit."""
     locs = [error["loc"] for error in exc.errors()]
     # A list that fails only because an item in it did ("at least 1 item after validation")
     # is no problem of its own: keep errors whose path is not the start of another's.
@@ -138,4 +199,4 @@ def _first_problem(exc: ValidationError) -> str:
     more = len(errors) - 1
     if more:
         line += f" (and {more} more problem{'s' if more > 1 else ''})"
-    return line
+    return line, first["type"] in ("too_long", "string_too_long")

@@ -3,22 +3,42 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
+import pydantic
 import pytest
 
-from gazecam.assistant import Answer, Assistant, QuestionError, lead_sentence
+from gazecam.assistant import (
+    MIN_CONTEXT_TOKENS,
+    REGION_MAX_TOKENS,
+    STEP_PROMPT_MAX_TOKENS,
+    Answer,
+    Assistant,
+    AssistantSettings,
+    QuestionError,
+    check_positions,
+    context_text,
+    cut,
+    lead_sentence,
+    longest_fit,
+)
 from gazecam.capture import CaptureResult, capture
 from gazecam.cli import main
+from gazecam.errors import ConfigError
 from gazecam.llm import LanguageModel, LLMSettings
-from gazecam.perception import create_perception
+from gazecam.llm.decoder import LOCAL_RESERVE
+from gazecam.llm.tokenizer import context_prompt
+from gazecam.memory import MemorySettings
+from gazecam.perception import Perception, create_perception
 from gazecam.records import Box, Region, SourceEvent
 from gazecam.settings import CaptureSettings, SourceSettings
 from gazecam.sources import open_source
 from gazecam.sources.synthetic import START_NS, SyntheticSource
 from gazecam.steps import StepEstimate
-from gazecam.tasks import load_task_card
+from gazecam.tasks import MAX_STEPS, CardTooLargeError, TaskCard, load_task_card
 from tests.perception import require_models
+from tests.test_tasks import long_card_yaml
 
 CARD = load_task_card(Path(__file__).parents[1] / "gazecam" / "data" / "demo_task.yaml")
 
@@ -71,6 +91,78 @@ def demo_run(real_dir: Path) -> tuple[Assistant, SyntheticSource, list[tuple[int
     import asyncio
 
     return assistant, source, asyncio.run(replay())
+
+
+@pytest.fixture(scope="module")
+def perception() -> Perception:
+    return create_perception(models=require_models("ppocr-det", "ppocr-rec", "yolox-nano"))
+
+
+def test_the_demo_card_is_given_verbatim(real_lm: LanguageModel, perception: Perception) -> None:
+    assistant = Assistant(CARD, perception, real_lm)
+    assert assistant.context == context_text(CARD) and "…" not in assistant.context
+    for i, step in enumerate(CARD.steps, 1):
+        assert f"\n{i}. {step.title}: {step.instruction}\n" in assistant.context
+    assert assistant.context_tokens == real_lm.cache.entries("context") < 200
+
+
+def test_a_long_card_is_cut_to_the_context_budget_and_answered(
+    real_lm: LanguageModel, perception: Perception
+) -> None:
+    card = TaskCard.from_yaml_text(long_card_yaml(), "long card")
+    assert real_lm.count_tokens(context_prompt(context_text(card))) > 7000  # verbatim
+    assistant = Assistant(card, perception, real_lm)
+    budget = AssistantSettings().context_max_tokens
+    # What the model prefilled (and what its prefill buffers grow with) is within the budget.
+    assert assistant.context_tokens == real_lm.cache.entries("context") <= budget
+    assert assistant.context_tokens > budget - 20  # and the budget is used
+    lines = assistant.context.split("\n")
+    for i, step in enumerate(card.steps, 1):
+        line = next(line for line in lines if line.startswith(f"{i}. {step.title}: "))
+        assert line.endswith("…") and step.instruction.startswith(
+            line[len(f"{i}. {step.title}: ") : -1]
+        )
+    _, answer = ask(assistant, "What do I do now?")
+    assert answer.text.strip()
+    # The ask prompt carries the current step's line, cut to its bound.
+    assert answer.timings.prompt_tokens <= STEP_PROMPT_MAX_TOKENS + 40 < LOCAL_RESERVE
+
+
+def test_long_text_is_cut_to_a_token_bound(real_lm: LanguageModel) -> None:
+    def fits(text: str) -> bool:
+        return real_lm.count_tokens(text) <= REGION_MAX_TOKENS
+
+    label = "- text '" + "TORQUE 12 NM " * 100 + "', at the gaze point"
+    line = longest_fit(partial(cut, label), len(label), fits)
+    assert line.startswith("- text 'TORQUE 12 NM") and line.endswith("…")
+    assert REGION_MAX_TOKENS - 3 <= real_lm.count_tokens(line) <= REGION_MAX_TOKENS
+    short = "- a cup, 20 px from the gaze point"
+    assert longest_fit(partial(cut, short), len(short), fits) == short
+    with pytest.raises(CardTooLargeError):
+        longest_fit(partial(cut, short), len(short), lambda text: False)
+
+
+def test_a_card_that_cannot_fit_even_cut_is_refused(real_lm: LanguageModel) -> None:
+    steps = [{"title": f"Step number {i}", "instruction": "Do it."} for i in range(MAX_STEPS)]
+    card = TaskCard.model_validate({"name": "Many steps", "steps": steps})
+    with pytest.raises(CardTooLargeError, match="its 50 steps do not fit the context even cut"):
+        context_text(card, lambda text: real_lm.count_tokens(context_prompt(text)) <= 200)
+    # The least budget the settings allow holds every step, cut.
+    fits = MIN_CONTEXT_TOKENS
+    text = context_text(card, lambda text: real_lm.count_tokens(context_prompt(text)) <= fits)
+    assert all(f"\n{i}. S" in text for i in range(1, MAX_STEPS + 1))
+
+
+def test_settings_that_could_overflow_the_positions_are_refused() -> None:
+    check_positions(AssistantSettings(), MemorySettings(), 8192)
+    with pytest.raises(ConfigError) as caught:
+        check_positions(AssistantSettings(context_max_tokens=4096), MemorySettings(), 8192)
+    assert str(caught.value) == (
+        "GAZECAM_CONTEXT_MAX_TOKENS (4096) + GAZECAM_MEMORY_MAX_REGIONS (64) × 64 tokens + 512 "
+        "for the ask need 8704 positions; the language model has 8192"
+    )
+    with pytest.raises(pydantic.ValidationError, match="greater than or equal to 384"):
+        AssistantSettings(context_max_tokens=100)
 
 
 def ask(assistant: Assistant, question: str) -> tuple[list[str], Answer]:
@@ -134,7 +226,10 @@ def test_bad_questions_are_refused(demo_run, question: str, message: str) -> Non
 
 
 def test_ask_command_prints_the_answer_and_json(
-    real_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    real_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     require_models("ppocr-det", "ppocr-rec", "yolox-nano")
     monkeypatch.setenv("GAZECAM_LLM_MODEL_DIR", str(real_dir))
@@ -157,3 +252,10 @@ def test_ask_command_prints_the_answer_and_json(
     assert "question: 600 characters" in capsys.readouterr().err
     assert main(["ask", "synthetic:demo", "--at", "1", "--task", "/no/card.yaml", "hi"]) == 2
     assert "/no/card.yaml: cannot read the task card" in capsys.readouterr().err
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("[" * 10_000 + "]" * 10_000)
+    assert main(["ask", "synthetic:demo", "--at", "1", "--task", str(deep), "hi"]) == 2
+    assert capsys.readouterr().err == (
+        f"gazecam: error: {deep}: YAML at line 1, column 17: nested deeper than 16 levels "
+        "(a task card needs 6)\n"
+    )

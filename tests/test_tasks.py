@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pydantic
 import pytest
 
 from gazecam.errors import ConfigError
-from gazecam.tasks import TaskCard, load_task_card, normalise_cue
+from gazecam.tasks import (
+    MAX_STEPS,
+    MAX_YAML_DEPTH,
+    CardTooLargeError,
+    TaskCard,
+    load_task_card,
+    normalise_cue,
+)
 
 VALID = """\
 name: Replace the fuse
@@ -116,3 +124,102 @@ def test_missing_or_unreadable_file(tmp_path: Path) -> None:
 def test_normalise_cue_ignores_case_spaces_and_punctuation() -> None:
     assert normalise_cue("2 Check-Fuse.") == "2checkfuse"
     assert normalise_cue("STOP  sign") == "stopsign"
+
+
+def steps_yaml(count: int, title: str = "Step") -> str:
+    return "".join(f"  - {{title: {title} {i}, instruction: Do it.}}\n" for i in range(count))
+
+
+def test_a_card_at_its_size_limits_loads() -> None:
+    card = TaskCard.from_yaml_text(
+        f"name: {'n' * 120}\nsteps:\n{steps_yaml(MAX_STEPS, 't' * 77)}", "inline"
+    )
+    assert len(card.steps) == MAX_STEPS and len(card.steps[-1].title) == 80
+    # Instructions have no length limit: the assistant cuts them to its context budget.
+    long = TaskCard.from_yaml_text(
+        f"name: x\nsteps:\n  - {{title: a, instruction: {'w ' * 20_000}}}\n", "inline"
+    )
+    assert len(long.steps[0].instruction) > 39_000
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            f"name: x\nsteps:\n{steps_yaml(MAX_STEPS + 1)}",
+            f"steps: Tuple should have at most {MAX_STEPS} items after validation, not 51",
+        ),
+        (
+            f"name: x\nsteps:\n  - {{title: {'t' * 81}, instruction: b}}\n",
+            "steps.1.title: String should have at most 80 characters",
+        ),
+        (
+            f"name: {'n' * 121}\nsteps:\n  - {{title: a, instruction: b}}\n",
+            "name: String should have at most 120 characters",
+        ),
+    ],
+)
+def test_a_card_over_a_size_limit_is_refused_as_too_large(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(CardTooLargeError) as caught:
+        load_task_card(path)
+    assert str(caught.value) == f"{path}: {problem}"
+
+
+NESTED = f"nested deeper than {MAX_YAML_DEPTH} levels (a task card needs 6)"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("[" * 10_000 + "]" * 10_000, f"YAML at line 1, column 17: {NESTED}"),
+        ("{a: " * 10_000 + "1" + "}" * 10_000, f"YAML at line 1, column 62: {NESTED}"),
+        (
+            "".join(f"{'  ' * i}k{i}:\n" for i in range(3000)) + "  " * 3000 + "x\n",
+            f"YAML at line 16, column 31: {NESTED}",
+        ),
+        (
+            # "Billion laughs": nine levels of nine aliases would be 9^9 values to validate.
+            "a: &a [l, l, l, l, l, l, l, l, l]\n"
+            + "".join(
+                f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n"
+                for i in range(8)
+            )
+            + "name: *i\nsteps: [{title: a, instruction: b}]\n",
+            "YAML at line 2, column 8: aliases (*name) are not allowed in a task card",
+        ),
+    ],
+)
+def test_deep_nesting_and_aliases_are_refused_in_one_line(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_task_card(path)
+    assert str(caught.value) == f"{path}: {problem}"
+
+
+def long_card_yaml(steps: int = 6, instruction_chars: int = 5000) -> str:
+    """A valid card of long steps: by default about 30 KB, 7,400 tokens of SmolLM2."""
+    rng = random.Random(0)
+    text = (
+        "undo the four screws on front cover lift it off and set aside a clean cloth so "
+        "gaskets stay free of dust check each thread for damage before you go on"
+    )
+    words = text.split()
+    lines = []
+    for i in range(1, steps + 1):
+        sentences = []
+        while sum(len(s) + 1 for s in sentences) < instruction_chars:
+            sentences.append(" ".join(rng.choices(words, k=12)).capitalize() + ".")
+        lines.append(f"  - title: Long step {i}\n    instruction: {' '.join(sentences)}\n")
+    return "name: A long procedure\nsteps:\n" + "".join(lines)
+
+
+def test_a_long_card_is_valid() -> None:
+    text = long_card_yaml()
+    assert 29_000 < len(text.encode()) < 32_000
+    card = TaskCard.from_yaml_text(text, "inline")
+    assert len(card.steps) == 6 and all(len(s.instruction) >= 5000 for s in card.steps)

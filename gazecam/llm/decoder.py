@@ -152,24 +152,27 @@ class LanguageModel:
         """The regions in memory, oldest first."""
         return [g.group_id.removeprefix("region:") for g in self.cache.of_kind("region")]
 
+    def count_tokens(self, text: str) -> int:
+        """How many tokens ``text`` is (``set_context`` prefills ``context_prompt(text)``)."""
+        return len(self.tokenizer.encode(text))
+
     def set_context(self, text: str) -> None:
         """Prefill the always-kept context; the same text again costs nothing.
 
         A changed context is prefilled anew. Regions already in memory keep the KV they were
         computed with against the old context (recomputing them would cost a prefill each);
-        they are moved by the change in length so they stay right after the new context.
+        they are packed right after the new context. (Moving them only by the change in
+        length could push regions that sit near the end of the positions past it.)
         """
         with self._lock:
             if text == self._context_text:
                 return
             ids = self.tokenizer.encode(context_prompt(text))
-            delta = len(ids) - self.cache.end_position(("context",))
             self._check_positions(len(ids))
             step = self._forward(ids, np.arange(len(ids)), [])
             self.cache.drop(CONTEXT)
             self.cache.put(CONTEXT, "context", step.keys, step.values, np.arange(len(ids)))
-            for group in self.cache.of_kind("region"):
-                self.cache.shift(group, delta)
+            self._pack_regions()
             self._context_text = text
 
     def add_region(self, region_id: str, text: str, gaze_prior: float) -> None:

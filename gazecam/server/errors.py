@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gazecam.assistant import QuestionError
 from gazecam.errors import ConfigError, GazecamError
+from gazecam.tasks import CardTooLargeError
 
 logger = logging.getLogger("gazecam.server")
 
@@ -102,6 +103,8 @@ def client_error(exc: BaseException) -> ClientError:
     """What the client is told about ``exc`` (logged here when it is not the client's doing)."""
     if isinstance(exc, ClientError):
         return exc
+    if isinstance(exc, CardTooLargeError):
+        return ClientError("too_large", str(exc))
     if isinstance(exc, QuestionError | ConfigError):
         return ClientError("bad_request", str(exc))
     if isinstance(exc, ValidationError | RequestValidationError):

@@ -3,6 +3,7 @@ OpenAPI schema, and the web client (see docs/protocol.md)."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,8 @@ async def load_task(request: Request, runtime: RuntimeDep, settings: SettingsDep
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ClientError("bad_request", f"task card: not UTF-8 text (byte {exc.start})") from exc
-    card = TaskCard.from_yaml_text(text, "task card")
+    # Parsing up to max_task_bytes of YAML takes a while: not on the event loop.
+    card = await asyncio.to_thread(TaskCard.from_yaml_text, text, "task card")
     await runtime.load_card(card)
     return {"name": card.name, "steps": len(card.steps), "step": asdict(runtime.step())}
 

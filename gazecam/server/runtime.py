@@ -112,14 +112,19 @@ class Runtime:
         return await asyncio.to_thread(self._observe_event, SourceEvent(timestamp_ns, name))
 
     async def load_card(self, card: TaskCard) -> None:
-        """Work on a new task card from now on; what was seen stays in memory."""
+        """Work on a new task card from now on; what was seen stays in memory.
+
+        The card's context is prefilled here (at most ``context_max_tokens``); a card that
+        cannot be taken leaves the one before in place.
+        """
         async with self._generation_lock:  # not in the middle of someone's answer
             await asyncio.to_thread(self._swap_card, card)
 
     def _swap_card(self, card: TaskCard) -> None:
         with self._tracker_lock:
             old = self.assistant
-            new = Assistant(card, old.perception, old.model, old.settings)
+            # Raises before anything changes if the card cannot be taken.
+            new = Assistant(card, old.perception, old.model, old.settings, old.memory.settings)
             # The memory's regions are in the model's KV cache: the new assistant keeps them
             # (and drops them in its turn), and answers from the latest keyframe at once.
             new.memory, new.latest_crop = old.memory, old.latest_crop

@@ -172,6 +172,23 @@ def test_same_context_is_free_and_a_new_one_moves_the_regions(
     assert starts == sorted(starts) and starts[0] == context_end
 
 
+def test_a_longer_context_packs_regions_that_sat_near_the_end(tiny_lm: LanguageModel) -> None:
+    # Regions keep being added at the end of the positions (and the oldest dropped) until they
+    # reach the reserve; a longer context then must not push them past the model's positions.
+    tiny_lm.set_context("Pump.")
+    limit = tiny_lm.max_positions - LOCAL_RESERVE
+    for i in itertools.count():
+        tiny_lm.add_region(f"k{i}", f"- text 'FRAME {i:02}' " + "x" * 20, 1.0)
+        if len(tiny_lm.region_ids) > 3:
+            tiny_lm.drop_region(tiny_lm.region_ids[0])
+        if tiny_lm.cache.end_position() > limit - 50:
+            break
+    tiny_lm.set_context("A much longer task card. " * 24)  # 600 tokens more
+    _, stats = answer(tiny_lm, "What frame?", max_tokens=3)
+    assert stats.visual_kv_total == tiny_lm.cache.entries("region") > 0
+    assert tiny_lm.cache.end_position(("region",)) < 800  # right after the new context
+
+
 def test_shifting_keys_equals_computing_them_at_the_new_position(tiny_lm: LanguageModel) -> None:
     # Layer 0's keys depend only on the token and its position, so a shifted copy must equal
     # the keys computed at the new position.
