@@ -13,6 +13,8 @@ import ipaddress
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gazecam.sources import check_address
+
 MIN_TOKEN_CHARS = 16
 
 
@@ -75,6 +77,13 @@ class ServerSettings(BaseSettings):
     restart_backoff_max_s: float = Field(
         10.0, gt=0, description="The wait before restarting a source grows up to this."
     )
+
+    @field_validator("source")
+    @classmethod
+    def _source_well_formed(cls, source: str) -> str:
+        # Raises ConfigError/SourceError (not ValueError): the command line shows it as it is.
+        check_address(source)
+        return source
 
     @field_validator("token")
     @classmethod

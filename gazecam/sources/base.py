@@ -19,13 +19,21 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+from gazecam.errors import SourceError
 from gazecam.records import Fixation, GazeSample, SceneFrame, SourceInfo, SourceItem
 from gazecam.settings import Pace
+
+log = logging.getLogger(__name__)
+
+# A recording's data begins within seconds of its start time (the scene camera takes a moment
+# to start). A start time further away than this is a wrong phone clock or an edited file.
+START_TOLERANCE_NS = 60 * 10**9
 
 
 @dataclass
@@ -63,6 +71,42 @@ def item_time_ns(item: SourceItem) -> int:
     if isinstance(item, Fixation):
         return item.start_ns
     return item.timestamp_ns
+
+
+INT64_MAX = 2**63 - 1  # timestamps are stored as numpy int64
+
+
+def info_ns(info: Mapping[str, Any], key: str, where: str) -> int | None:
+    """An info.json field in nanoseconds (``start_time``, ``duration``), None where absent.
+
+    SourceError naming ``where`` unless it is an integer from 0 to ``INT64_MAX``.
+    """
+    value = info.get(key)
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= INT64_MAX
+    ):
+        raise SourceError(
+            f"{where}: '{key}' is {value!r}, expected integer nanoseconds from 0 to {INT64_MAX}"
+        )
+    return value
+
+
+def checked_start_ns(where: str, start_ns: int | None, first_data_ns: int) -> int:
+    """The recording's start: its stated ``start_ns``, unless that is missing or further than
+    ``START_TOLERANCE_NS`` from its first data timestamp, which then replaces it (with a
+    warning naming ``where`` the start time came from)."""
+    if start_ns is None:
+        return first_data_ns
+    if abs(start_ns - first_data_ns) > START_TOLERANCE_NS:
+        log.warning(
+            "%s: 'start_time' is %.1f s %s the first data timestamp; using the first data "
+            "timestamp as the start",
+            where,
+            abs(start_ns - first_data_ns) / 1e9,
+            "before" if start_ns < first_data_ns else "after",
+        )
+        return first_data_ns
+    return start_ns
 
 
 def merge_by_time(*streams: Iterable[SourceItem]) -> Iterator[SourceItem]:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import logging
 import math
 from array import array
-from collections.abc import AsyncIterator, Callable, Generator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,18 @@ from gazecam.records import (
     SourceItem,
 )
 from gazecam.settings import SourceSettings
-from gazecam.sources.base import SourceStats, merge_by_time, replay
+from gazecam.sources.base import (
+    INT64_MAX,
+    SourceStats,
+    checked_start_ns,
+    info_ns,
+    item_time_ns,
+    merge_by_time,
+    replay,
+)
 from gazecam.video import decode_frames, probe_video
+
+log = logging.getLogger(__name__)
 
 TIMESTAMP_COL = "timestamp [ns]"
 _WORN = {"1": 1, "1.0": 1, "true": 1, "0": 0, "0.0": 0, "false": 0}
@@ -56,22 +67,31 @@ def _parse_finite(text: str) -> float:
     return value
 
 
+def _parse_timestamp(text: str) -> int:
+    """Nanoseconds since the epoch: an integer that fits int64 and is not negative."""
+    value = int(text)
+    if not 0 <= value <= INT64_MAX:
+        raise ValueError(text)
+    return value
+
+
 def _parse_fixation_id(text: str) -> int:
     """An id (pandas-written exports may say ``12.0``); empty, i.e. no fixation, is -1."""
     if not text.strip():
         return -1
     value = float(text)
-    if value < 0 or value != int(value):
+    # Checked as a float first: int() of inf raises OverflowError, and 1e30 is "integral".
+    if not (math.isfinite(value) and 0 <= value <= INT64_MAX and value == int(value)):
         raise ValueError(text)
     return int(value)
 
 
 # What each parser accepts, for the error message when a cell is not that.
 _EXPECTED: dict[Callable[[str], Any], str] = {
-    int: "an integer",
+    _parse_timestamp: f"a timestamp (an integer from 0 to {INT64_MAX} nanoseconds)",
     _parse_finite: "a finite number",
     _parse_worn: "1/0, 1.0/0.0 or True/False",
-    _parse_fixation_id: "an integer id or nothing",
+    _parse_fixation_id: f"an integer id from 0 to {INT64_MAX}, or nothing",
 }
 
 
@@ -85,15 +105,26 @@ class _Col:
     required: bool = True
 
 
+def _ends_cut_short(path: Path) -> bool:
+    """Whether the file's last line has no line end: its writer stopped in the middle of it."""
+    with path.open("rb") as f:
+        if f.seek(0, 2) == 0:
+            return False
+        f.seek(-1, 2)
+        return f.read(1) != b"\n"
+
+
 def _read_csv(path: Path, cols: Sequence[_Col], ordered_by: str | None = None) -> dict[str, Any]:
     """Read the given columns of a CSV file, checking that ``ordered_by`` never decreases.
 
     Returns a numpy array (a list for string columns) per column found; optional columns
-    missing from the header are left out.
+    missing from the header are left out. A last line that has no line end and does not read
+    is what a recording killed mid-write leaves: it is left out with a warning.
     """
     if not path.is_file():
         raise SourceError(f"{path}: missing file")
     try:
+        cut_short = _ends_cut_short(path)
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             header = [name.strip() for name in next(reader, [])]
@@ -113,24 +144,39 @@ def _read_csv(path: Path, cols: Sequence[_Col], ordered_by: str | None = None) -
             for row in reader:
                 if not row:
                     continue  # blank line, e.g. a trailing newline
-                if len(row) < len(header):
-                    raise SourceError(
-                        f"{path} line {reader.line_num}: {len(row)} fields, the header has "
-                        f"{len(header)}"
-                    )
-                values = _parse_row(f"{path} line {reader.line_num}", present, index, row)
-                if ordered is not None:
-                    if previous is not None and values[ordered] < previous:
+                try:
+                    values = _check_row(path, reader.line_num, present, index, header, row)
+                    if ordered is not None and previous is not None and values[ordered] < previous:
                         raise SourceError(
                             f"{path} line {reader.line_num}: '{present[ordered].name}' "
                             f"{values[ordered]} is out of order (the row before has {previous})"
                         )
+                except SourceError as exc:
+                    if not cut_short or next(reader, None) is not None:
+                        raise
+                    log.warning("%s; it is the last line and is cut short: left out", exc)
+                    break
+                if ordered is not None:
                     previous = values[ordered]
                 for values_of_col, value in zip(lists, values, strict=True):
                     values_of_col.append(value)
         return {name: np.asarray(v) if isinstance(v, array) else v for name, v in store.items()}
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise SourceError(f"{path}: cannot read the file ({exc})") from exc
+
+
+def _check_row(
+    path: Path,
+    line: int,
+    cols: Sequence[_Col],
+    index: Sequence[int],
+    header: Sequence[str],
+    row: list[str],
+) -> list[Any]:
+    """The parsed values of one data row; SourceError naming the line and column if it is bad."""
+    if len(row) < len(header):
+        raise SourceError(f"{path} line {line}: {len(row)} fields, the header has {len(header)}")
+    return _parse_row(f"{path} line {line}", cols, index, row)
 
 
 def _parse_row(where: str, cols: Sequence[_Col], index: Sequence[int], row: list[str]) -> list[Any]:
@@ -177,7 +223,7 @@ def _read_camera(path: Path) -> CameraIntrinsics:
 def _read_gaze(path: Path) -> tuple[GazeArrays, NDArray[np.int64] | None]:
     """gaze.csv as arrays, and its fixation ids (-1: not in a fixation; None: no such column)."""
     cols = [
-        _Col(TIMESTAMP_COL, int, "q"),
+        _Col(TIMESTAMP_COL, _parse_timestamp, "q"),
         _Col("gaze x [px]", _parse_finite, "d"),
         _Col("gaze y [px]", _parse_finite, "d"),
         _Col("worn", _parse_worn, "b"),
@@ -213,8 +259,8 @@ def _fixations_from_gaze(gaze: GazeArrays, ids: NDArray[np.int64] | None) -> lis
 
 def _read_fixations(path: Path) -> list[Fixation]:
     cols = [
-        _Col("start timestamp [ns]", int, "q"),
-        _Col("end timestamp [ns]", int, "q"),
+        _Col("start timestamp [ns]", _parse_timestamp, "q"),
+        _Col("end timestamp [ns]", _parse_timestamp, "q"),
         _Col("fixation x [px]", _parse_finite, "d"),
         _Col("fixation y [px]", _parse_finite, "d"),
     ]
@@ -228,7 +274,7 @@ def _read_fixations(path: Path) -> list[Fixation]:
 
 
 def _read_events(path: Path) -> list[SourceEvent]:
-    table = _read_csv(path, [_Col(TIMESTAMP_COL, int, "q"), _Col("name", str, "")])
+    table = _read_csv(path, [_Col(TIMESTAMP_COL, _parse_timestamp, "q"), _Col("name", str, "")])
     rows = zip(table[TIMESTAMP_COL].tolist(), table["name"], strict=True)
     events = [SourceEvent(t_ns, name) for t_ns, name in rows]
     return sorted(events, key=lambda e: e.timestamp_ns)
@@ -256,6 +302,7 @@ class _Export:
     width_px: int
     height_px: int
     frame_ns: NDArray[np.int64]  # row i of world_timestamps.csv: frame i of the video
+    video_frames: int | None  # as the container says; None where it does not
     gaze: GazeArrays
     fixations: list[Fixation]
     events: list[SourceEvent]
@@ -268,13 +315,11 @@ def _load(folder: Path) -> tuple[_Export, CameraIntrinsics | None, dict[str, Any
     video = _find_video(folder)
     gaze, fixation_ids = _read_gaze(folder / "gaze.csv")
     world_csv = folder / "world_timestamps.csv"
-    frames = _read_csv(world_csv, [_Col(TIMESTAMP_COL, int, "q")], ordered_by=TIMESTAMP_COL)
+    frames = _read_csv(
+        world_csv, [_Col(TIMESTAMP_COL, _parse_timestamp, "q")], ordered_by=TIMESTAMP_COL
+    )
     frame_ns = frames[TIMESTAMP_COL]
     width_px, height_px, video_frames = probe_video(video)
-    if video_frames is not None and video_frames != frame_ns.size:
-        raise SourceError(
-            f"{video}: {video_frames} frames but {world_csv.name} lists {frame_ns.size}"
-        )
     fixations_csv = folder / "fixations.csv"
     fixations = (
         _read_fixations(fixations_csv)
@@ -288,15 +333,18 @@ def _load(folder: Path) -> tuple[_Export, CameraIntrinsics | None, dict[str, Any
     info_json = folder / "info.json"
     info = _read_json(info_json) if info_json.exists() else {}
     for key in ("start_time", "duration"):
-        value = info.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise SourceError(f"{info_json}: '{key}' is {value!r}, expected integer nanoseconds")
-    export = _Export(video, width_px, height_px, frame_ns, gaze, fixations, events)
+        info_ns(info, key, str(info_json))
+    export = _Export(video, width_px, height_px, frame_ns, video_frames, gaze, fixations, events)
     return export, camera, info
 
 
 class CloudExportSource:
-    """A Pupil Cloud "Timeseries Data + Scene Video" export folder, replayed as a source."""
+    """A Pupil Cloud "Timeseries Data + Scene Video" export folder, replayed as a source.
+
+    A recording cut off mid-write (killed, power lost) lists frames its video no longer holds,
+    or holds frames it has no rows for: it replays up to its last good frame, with a warning
+    saying how much is lost, and nothing after that frame.
+    """
 
     def __init__(self, path: Path, settings: SourceSettings) -> None:
         self.uri = str(path)
@@ -304,6 +352,8 @@ class CloudExportSource:
         self._path = path
         self._settings = settings
         self._export: _Export | None = None
+        self._start_ns = 0
+        self._end_ns: int | None = None  # items from here on are left out (the video ended)
         self._frame_items: Generator[SceneFrame, None, None] | None = None
 
     async def open(self) -> SourceInfo:
@@ -313,10 +363,20 @@ class CloudExportSource:
         export, camera, info = await asyncio.to_thread(_load, self._path)
         gaze_ns, frame_ns = export.gaze.timestamp_ns, export.frame_ns
         ends_ns = np.concatenate((gaze_ns[:1], gaze_ns[-1:], frame_ns[:1], frame_ns[-1:]))
-        start_ns = info.get("start_time")
-        start_ns = int(ends_ns.min()) if start_ns is None else start_ns
+        stated_start_ns = info.get("start_time")
+        start_ns = checked_start_ns(
+            str(self._path / "info.json"), stated_start_ns, int(ends_ns.min())
+        )
         duration_ns = info.get("duration")
-        duration_ns = int(ends_ns.max()) - start_ns if duration_ns is None else duration_ns
+        if duration_ns is None or start_ns != stated_start_ns:
+            duration_ns = int(ends_ns.max()) - start_ns
+        self._start_ns = start_ns
+        videos = export.video_frames
+        if videos is not None and videos < frame_ns.size:
+            self._end_video(export, videos, "")
+            export = replace(export, frame_ns=frame_ns[:videos])
+        elif videos is not None and videos > frame_ns.size:
+            self._extra_frames(export)
         self._export = export
         return SourceInfo(
             uri=self.uri,
@@ -325,7 +385,7 @@ class CloudExportSource:
             frame_height_px=export.height_px,
             camera=camera,
             gaze_rate_hz=export.gaze.rate_hz(),
-            frame_count=int(frame_ns.size),
+            frame_count=int(export.frame_ns.size),
             start_ns=start_ns,
             duration_ns=duration_ns,
             has_fixations=bool(export.fixations),
@@ -340,7 +400,7 @@ class CloudExportSource:
         items = merge_by_time(
             export.gaze.samples(), self._frame_items, export.fixations, export.events
         )
-        return replay(items, self._settings.pace, self.stats)
+        return replay(self._until_video_ends(items), self._settings.pace, self.stats)
 
     async def close(self) -> None:
         """Stop the video decoder, if one is running. Safe to call twice."""
@@ -349,20 +409,56 @@ class CloudExportSource:
             self._frame_items.close()
             self._frame_items = None
 
+    def _until_video_ends(self, items: Iterator[SourceItem]) -> Iterator[SourceItem]:
+        for item in items:
+            if self._end_ns is not None and item_time_ns(item) >= self._end_ns:
+                return
+            yield item
+
+    def _end_video(self, export: _Export, frames: int, reason: str) -> None:
+        """The video holds only its first ``frames`` listed frames: warn, and end there."""
+        frame_ns, video = export.frame_ns, export.video
+        if frames == 0:
+            raise SourceError(f"{video}: no frame of the video decodes{reason}")
+        lost_s = (int(frame_ns[-1]) - int(frame_ns[frames - 1])) / 1e9
+        up_to_s = (int(frame_ns[frames - 1]) - self._start_ns) / 1e9
+        log.warning(
+            "%s: the last %d frames (%.2f s) do not decode%s; replaying up to %.2f s",
+            video,
+            frame_ns.size - frames,
+            lost_s,
+            reason,
+            up_to_s,
+        )
+        self._end_ns = int(frame_ns[frames])
+
+    def _extra_frames(self, export: _Export) -> None:
+        log.warning(
+            "%s: more frames than the %d that world_timestamps.csv lists; the rest have no "
+            "timestamps and are left out",
+            export.video,
+            export.frame_ns.size,
+        )
+
     def _frames(self, export: _Export) -> Generator[SceneFrame, None, None]:
-        """Frame i of the video with row i of world_timestamps.csv; the counts must match."""
-        video, frame_ns = export.video, export.frame_ns
-        decoder = decode_frames(video)
-        for index, t_ns in enumerate(frame_ns.tolist()):
-            frame = next(decoder, None)
+        """Frame i of the video with row i of world_timestamps.csv, up to the last good frame."""
+        decoder = decode_frames(export.video)
+        for index, t_ns in enumerate(export.frame_ns.tolist()):
+            try:
+                frame = next(decoder, None)
+                reason = ""
+            except SourceError as exc:  # damaged from here on: the frames before it replay
+                frame, reason = None, f" ({exc})"
             if frame is None:
-                raise SourceError(
-                    f"{video}: {index} frames but world_timestamps.csv lists {frame_ns.size}"
-                )
+                self._end_video(export, index, reason)
+                return
             yield SceneFrame(
                 t_ns, index, export.width_px, export.height_px, decode=_lazy_bgr(frame)
             )
-        if next(decoder, None) is not None:
-            raise SourceError(
-                f"{video}: more frames than the {frame_ns.size} world_timestamps.csv lists"
-            )
+        if export.video_frames is None:  # else open() knew and said so
+            try:
+                more = next(decoder, None) is not None
+            except SourceError:  # a damaged frame beyond the listed ones is one more all the same
+                more = True
+            if more:
+                self._extra_frames(export)

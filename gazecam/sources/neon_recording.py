@@ -28,7 +28,13 @@ from gazecam.records import (
     SourceItem,
 )
 from gazecam.settings import SourceSettings
-from gazecam.sources.base import SourceStats, merge_by_time, replay
+from gazecam.sources.base import (
+    SourceStats,
+    checked_start_ns,
+    info_ns,
+    merge_by_time,
+    replay,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +119,15 @@ class NeonRecordingSource:
             ]
         )
 
+        info_json = str(path / "info.json")
+        stated_start_ns = info_ns(info, "start_time", info_json)
+        duration_ns = info_ns(info, "duration", info_json)
+        first_ns = min(int(gaze_ts[0]), int(frame_ts[0])) if frame_ts.size else int(gaze_ts[0])
+        start_ns = checked_start_ns(info_json, stated_start_ns, first_ns)
+        if duration_ns is None or start_ns != stated_start_ns:
+            last_ns = max(int(gaze_ts[-1]), int(frame_ts[-1])) if frame_ts.size else gaze_ts[-1]
+            duration_ns = int(last_ns) - start_ns
+
         camera = None
         if rec.calibration is not None:
             camera = CameraIntrinsics.from_raw(
@@ -126,8 +141,8 @@ class NeonRecordingSource:
             camera=camera,
             gaze_rate_hz=self._gaze.rate_hz(),
             frame_count=int(frame_ts.size),
-            start_ns=int(info.get("start_time") or frame_ts[0]),
-            duration_ns=int(info.get("duration") or frame_ts[-1] - frame_ts[0]),
+            start_ns=start_ns,
+            duration_ns=duration_ns,
             has_fixations=bool(self._fixations),
         )
 
