@@ -19,7 +19,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from contextlib import ExitStack, closing
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -260,17 +260,23 @@ async def record(
     ``out_dir`` must not exist or be empty; it is created once the source has opened (a
     recording that never began leaves no folder). When the stream fails or the task is
     cancelled, the files are finished first (so they hold everything up to then) and the
-    exception then propagates. ``on_progress`` is called after every scene frame.
+    exception then propagates. ``on_progress`` is called after every scene frame, and once
+    more with the final summary when the files are finished (also after a failure).
     """
     check_out_dir(out_dir)  # before opening the source, which may take a while
     try:
         info = await source.open()
         _create_out_dir(out_dir)
-        with closing(_ExportWriter(out_dir, info)) as writer:
+        writer = _ExportWriter(out_dir, info)
+        try:
             async for item in source.stream():
                 writer.add(item)
                 if on_progress is not None and isinstance(item, SceneFrame):
                     on_progress(writer.summary())
+        finally:
+            writer.close()
+            if on_progress is not None:
+                on_progress(writer.summary())
     finally:
         await source.close()
     return writer.summary()

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import av
 import av.error
@@ -100,7 +101,7 @@ class VideoWriter:
         self._mux(self._stream.encode(frame))
         self.frames_written += 1
 
-    def _mux(self, packets: list[av.Packet]) -> None:
+    def _mux(self, packets: list[av.Packet[Any]]) -> None:
         for packet in packets:
             # Read before muxing, which rescales the pts to the stream's time base.
             keyframe_index = packet.pts if packet.is_keyframe else None

@@ -23,7 +23,6 @@ from gazecam.video import decode_frames
 from tests.sources.test_cloud_export import (
     CAMERA_MATRIX,
     EVENTS,
-    GAZE_STEP_NS,
     HEIGHT_PX,
     START_NS,
     WIDTH_PX,
@@ -67,7 +66,8 @@ async def test_round_trip(tmp_path: Path) -> None:
         events=len(EVENTS),
         duration_ns=last_ns - START_NS,
     )
-    assert [p.frames for p in progress] == list(range(1, 21))
+    assert [p.frames for p in progress] == [*range(1, 21), 20]  # the last: the final summary
+    assert progress[-1] == summary
 
     info, items, pixels = await read_all(CloudExportSource(out, fast()))
     assert info == SourceInfo(
@@ -147,10 +147,10 @@ async def test_what_is_on_disk_while_recording_replays(
         listed_during.append(listed)
 
     await record(CloudExportSource(export.folder, fast()), out, check)
-    assert len(listed_during) == 70
+    assert len(listed_during) == 71  # after each frame, and once finished
     # Frames are listed a fragment (up to a second, to the next keyframe) at a time.
-    assert listed_during == sorted(listed_during) and 0 < listed_during[-1] < 70
-    assert len(read_rows(out / "world_timestamps.csv")) == 70
+    assert listed_during == sorted(listed_during) and 0 < listed_during[-2] < 70
+    assert listed_during[-1] == 70
 
 
 @pytest.mark.parametrize("make_out", ["file inside", "is a file"])

@@ -48,9 +48,7 @@ def check_address(address: str) -> None:
         from gazecam.sources.synthetic import SCENES
 
         if address.removeprefix("synthetic:") not in SCENES:
-            raise ConfigError(
-                f"{address}: unknown synthetic scene (known: {', '.join(SCENES)})"
-            )
+            raise ConfigError(f"{address}: unknown synthetic scene (known: {', '.join(SCENES)})")
     elif address.startswith("neon://"):
         from gazecam.sources.neon_live import parse_neon_address
 

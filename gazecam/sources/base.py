@@ -114,8 +114,8 @@ def merge_by_time(*streams: Iterable[SourceItem]) -> Iterator[SourceItem]:
     return heapq.merge(*streams, key=item_time_ns)
 
 
-# In 'fast' pacing the replay hands control back to the event loop every this many items,
-# so a server's other tasks (websockets, perception) keep running during a replay.
+# The replay hands control back to the event loop at least every this many items, so a
+# server's other tasks (websockets, perception) and signal handlers run during a replay.
 _YIELD_EVERY_ITEMS = 64
 
 
@@ -125,19 +125,21 @@ async def replay(
     """Turn a time-sorted iterable into an async stream, paced in real time or as fast as possible.
 
     In 'realtime' pacing an item is released when as much wall time has passed since the first
-    item as recording time has; a consumer that falls behind is not waited for. Frames and gaze
-    samples are counted in ``stats``.
+    item as recording time has; a consumer that falls behind is not waited for (but the event
+    loop still gets its turn every ``_YIELD_EVERY_ITEMS`` items). Frames and gaze samples are
+    counted in ``stats``.
     """
     t0_item_ns: int | None = None
     t0_wall_ns = 0
     for n, item in enumerate(items):
+        wait_ns = 0
         if pace == "realtime":
             t_ns = item_time_ns(item)
             if t0_item_ns is None:
                 t0_item_ns, t0_wall_ns = t_ns, time.monotonic_ns()
             wait_ns = (t_ns - t0_item_ns) - (time.monotonic_ns() - t0_wall_ns)
-            if wait_ns > 0:
-                await asyncio.sleep(wait_ns / 1e9)
+        if wait_ns > 0:
+            await asyncio.sleep(wait_ns / 1e9)
         elif n % _YIELD_EVERY_ITEMS == 0:
             await asyncio.sleep(0)
         if isinstance(item, GazeSample):

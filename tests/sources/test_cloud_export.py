@@ -565,7 +565,7 @@ async def test_cut_short_last_line_is_left_out(
         path = export.folder / name
         text = path.read_text()
         path.write_text(text[: text.rstrip("\n").rindex("\n") + 1 + keep])
-    info, items, _ = await read_all(CloudExportSource(export.folder, fast()))
+    _, items, _ = await read_all(CloudExportSource(export.folder, fast()))
     assert [g.timestamp_ns for g in of_type(items, GazeSample)] == export.gaze_ns[:-1]
     assert [f.timestamp_ns for f in of_type(items, SceneFrame)] == export.frame_ns[:9]
     assert "gaze.csv line" in caplog.text and "world_timestamps.csv line" in caplog.text
