@@ -53,7 +53,7 @@ def decode_frames(path: Path) -> Iterator[av.VideoFrame]:
                     break
             if damage is not None:
                 yield from stream.decode(None)  # the frames still in the decoder are whole
-                raise SourceError(f"{path}: the video is damaged from here on ({damage})")
+                raise SourceError(f"{path}: the video is damaged from here on: {damage}")
     except (av.error.FFmpegError, OSError) as exc:
         raise SourceError(f"{path}: cannot decode the video ({exc})") from exc
 

@@ -288,12 +288,13 @@ def test_killed_recording_replays_up_to_its_last_flush(
     process, rec = start_recording(tmp_path)
     wait_until_recorded(process, rec, 2.0)
     listed = len((rec / "world_timestamps.csv").read_text().splitlines()) - 1
+    assert process.poll() is None, "the recording ended before it was killed"
     process.kill()  # SIGKILL: no chance to finish anything
     process.communicate(timeout=60)
     # At 2 s the first one-second fragment (30 frames) is on disk; a frame listed then is
     # in the video.
     assert listed >= 30
-    assert replayed_frames(rec, tmp_path / "crops") >= listed
+    assert listed <= replayed_frames(rec, tmp_path / "crops") < 240
     # A fragment written after the last flush of world_timestamps.csv may be there too: said so.
     err = capsys.readouterr().err
     assert all(

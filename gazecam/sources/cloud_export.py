@@ -448,7 +448,7 @@ class CloudExportSource:
                 frame = next(decoder, None)
                 reason = ""
             except SourceError as exc:  # damaged from here on: the frames before it replay
-                frame, reason = None, f" ({exc})"
+                frame, reason = None, f" ({str(exc).removeprefix(f'{export.video}: ')})"
             if frame is None:
                 self._end_video(export, index, reason)
                 return
