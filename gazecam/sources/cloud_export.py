@@ -10,12 +10,9 @@ recording never exists as millions of Python objects at once.
 from __future__ import annotations
 
 import asyncio
-import csv
 import json
 import logging
-import math
-from array import array
-from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,7 +34,6 @@ from gazecam.records import (
 )
 from gazecam.settings import SourceSettings
 from gazecam.sources.base import (
-    INT64_MAX,
     SourceStats,
     checked_start_ns,
     info_ns,
@@ -45,150 +41,19 @@ from gazecam.sources.base import (
     merge_by_time,
     replay,
 )
+from gazecam.sources.csv_table import (
+    Col,
+    parse_finite,
+    parse_fixation_id,
+    parse_timestamp,
+    parse_worn,
+    read_csv,
+)
 from gazecam.video import decode_frames, probe_video
 
 log = logging.getLogger(__name__)
 
 TIMESTAMP_COL = "timestamp [ns]"
-_WORN = {"1": 1, "1.0": 1, "true": 1, "0": 0, "0.0": 0, "false": 0}
-
-
-def _parse_worn(text: str) -> int:
-    key = text.strip().lower()
-    if key not in _WORN:
-        raise ValueError(text)
-    return _WORN[key]
-
-
-def _parse_finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(text)
-    return value
-
-
-def _parse_timestamp(text: str) -> int:
-    """Nanoseconds since the epoch: an integer that fits int64 and is not negative."""
-    value = int(text)
-    if not 0 <= value <= INT64_MAX:
-        raise ValueError(text)
-    return value
-
-
-def _parse_fixation_id(text: str) -> int:
-    """An id (pandas-written exports may say ``12.0``); empty, i.e. no fixation, is -1."""
-    if not text.strip():
-        return -1
-    value = float(text)
-    # Checked as a float first: int() of inf raises OverflowError, and 1e30 is "integral".
-    if not (math.isfinite(value) and 0 <= value <= INT64_MAX and value == int(value)):
-        raise ValueError(text)
-    return int(value)
-
-
-# What each parser accepts, for the error message when a cell is not that.
-_EXPECTED: dict[Callable[[str], Any], str] = {
-    _parse_timestamp: f"a timestamp (an integer from 0 to {INT64_MAX} nanoseconds)",
-    _parse_finite: "a finite number",
-    _parse_worn: "1/0, 1.0/0.0 or True/False",
-    _parse_fixation_id: f"an integer id from 0 to {INT64_MAX}, or nothing",
-}
-
-
-@dataclass(frozen=True, slots=True)
-class _Col:
-    """One CSV column to read: its header name, parser and storage type."""
-
-    name: str
-    parse: Callable[[str], Any]
-    typecode: str  # array typecode ("q" int64, "d" float64, "b" int8), "" keeps Python strings
-    required: bool = True
-
-
-def _ends_cut_short(path: Path) -> bool:
-    """Whether the file's last line has no line end: its writer stopped in the middle of it."""
-    with path.open("rb") as f:
-        if f.seek(0, 2) == 0:
-            return False
-        f.seek(-1, 2)
-        return f.read(1) != b"\n"
-
-
-def _read_csv(path: Path, cols: Sequence[_Col], ordered_by: str | None = None) -> dict[str, Any]:
-    """Read the given columns of a CSV file, checking that ``ordered_by`` never decreases.
-
-    Returns a numpy array (a list for string columns) per column found; optional columns
-    missing from the header are left out. A last line that has no line end and does not read
-    is what a recording killed mid-write leaves: it is left out with a warning.
-    """
-    if not path.is_file():
-        raise SourceError(f"{path}: missing file")
-    try:
-        cut_short = _ends_cut_short(path)
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            header = [name.strip() for name in next(reader, [])]
-            if not header:
-                raise SourceError(f"{path}: empty file (no header row)")
-            for col in cols:
-                if col.required and col.name not in header:
-                    raise SourceError(f"{path}: missing column '{col.name}'")
-            present = [col for col in cols if col.name in header]
-            index = [header.index(col.name) for col in present]
-            store: dict[str, Any] = {
-                c.name: array(c.typecode) if c.typecode else [] for c in present
-            }
-            lists = [store[c.name] for c in present]
-            ordered = next((k for k, c in enumerate(present) if c.name == ordered_by), None)
-            previous: Any = None
-            for row in reader:
-                if not row:
-                    continue  # blank line, e.g. a trailing newline
-                try:
-                    values = _check_row(path, reader.line_num, present, index, header, row)
-                    if ordered is not None and previous is not None and values[ordered] < previous:
-                        raise SourceError(
-                            f"{path} line {reader.line_num}: '{present[ordered].name}' "
-                            f"{values[ordered]} is out of order (the row before has {previous})"
-                        )
-                except SourceError as exc:
-                    if not cut_short or next(reader, None) is not None:
-                        raise
-                    log.warning("%s; it is the last line and is cut short: left out", exc)
-                    break
-                if ordered is not None:
-                    previous = values[ordered]
-                for values_of_col, value in zip(lists, values, strict=True):
-                    values_of_col.append(value)
-        return {name: np.asarray(v) if isinstance(v, array) else v for name, v in store.items()}
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise SourceError(f"{path}: cannot read the file ({exc})") from exc
-
-
-def _check_row(
-    path: Path,
-    line: int,
-    cols: Sequence[_Col],
-    index: Sequence[int],
-    header: Sequence[str],
-    row: list[str],
-) -> list[Any]:
-    """The parsed values of one data row; SourceError naming the line and column if it is bad."""
-    if len(row) < len(header):
-        raise SourceError(f"{path} line {line}: {len(row)} fields, the header has {len(header)}")
-    return _parse_row(f"{path} line {line}", cols, index, row)
-
-
-def _parse_row(where: str, cols: Sequence[_Col], index: Sequence[int], row: list[str]) -> list[Any]:
-    values = []
-    for col, i in zip(cols, index, strict=True):
-        try:
-            values.append(col.parse(row[i]))
-        except ValueError as exc:
-            raise SourceError(
-                f"{where}: column '{col.name}': {row[i]!r} is not {_EXPECTED[col.parse]}"
-            ) from exc
-    return values
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -223,13 +88,13 @@ def _read_camera(path: Path) -> CameraIntrinsics:
 def _read_gaze(path: Path) -> tuple[GazeArrays, NDArray[np.int64] | None]:
     """gaze.csv as arrays, and its fixation ids (-1: not in a fixation; None: no such column)."""
     cols = [
-        _Col(TIMESTAMP_COL, _parse_timestamp, "q"),
-        _Col("gaze x [px]", _parse_finite, "d"),
-        _Col("gaze y [px]", _parse_finite, "d"),
-        _Col("worn", _parse_worn, "b"),
-        _Col("fixation id", _parse_fixation_id, "q", required=False),
+        Col(TIMESTAMP_COL, parse_timestamp, "q"),
+        Col("gaze x [px]", parse_finite, "d"),
+        Col("gaze y [px]", parse_finite, "d"),
+        Col("worn", parse_worn, "b"),
+        Col("fixation id", parse_fixation_id, "q", required=False),
     ]
-    table = _read_csv(path, cols, ordered_by=TIMESTAMP_COL)
+    table = read_csv(path, cols, ordered_by=TIMESTAMP_COL)
     if not table[TIMESTAMP_COL].size:
         raise SourceError(f"{path}: no gaze samples")
     x_px, y_px, worn = table["gaze x [px]"], table["gaze y [px]"], table["worn"].astype(np.bool_)
@@ -259,12 +124,12 @@ def _fixations_from_gaze(gaze: GazeArrays, ids: NDArray[np.int64] | None) -> lis
 
 def _read_fixations(path: Path) -> list[Fixation]:
     cols = [
-        _Col("start timestamp [ns]", _parse_timestamp, "q"),
-        _Col("end timestamp [ns]", _parse_timestamp, "q"),
-        _Col("fixation x [px]", _parse_finite, "d"),
-        _Col("fixation y [px]", _parse_finite, "d"),
+        Col("start timestamp [ns]", parse_timestamp, "q"),
+        Col("end timestamp [ns]", parse_timestamp, "q"),
+        Col("fixation x [px]", parse_finite, "d"),
+        Col("fixation y [px]", parse_finite, "d"),
     ]
-    table = _read_csv(path, cols)
+    table = read_csv(path, cols)
     rows = zip(*(table[c.name].tolist() for c in cols), strict=True)
     fixations = [Fixation(*row) for row in rows]
     for n, fixation in enumerate(fixations, start=1):
@@ -274,7 +139,7 @@ def _read_fixations(path: Path) -> list[Fixation]:
 
 
 def _read_events(path: Path) -> list[SourceEvent]:
-    table = _read_csv(path, [_Col(TIMESTAMP_COL, _parse_timestamp, "q"), _Col("name", str, "")])
+    table = read_csv(path, [Col(TIMESTAMP_COL, parse_timestamp, "q"), Col("name", str, "")])
     rows = zip(table[TIMESTAMP_COL].tolist(), table["name"], strict=True)
     events = [SourceEvent(t_ns, name) for t_ns, name in rows]
     return sorted(events, key=lambda e: e.timestamp_ns)
@@ -315,8 +180,8 @@ def _load(folder: Path) -> tuple[_Export, CameraIntrinsics | None, dict[str, Any
     video = _find_video(folder)
     gaze, fixation_ids = _read_gaze(folder / "gaze.csv")
     world_csv = folder / "world_timestamps.csv"
-    frames = _read_csv(
-        world_csv, [_Col(TIMESTAMP_COL, _parse_timestamp, "q")], ordered_by=TIMESTAMP_COL
+    frames = read_csv(
+        world_csv, [Col(TIMESTAMP_COL, parse_timestamp, "q")], ordered_by=TIMESTAMP_COL
     )
     frame_ns = frames[TIMESTAMP_COL]
     width_px, height_px, video_frames = probe_video(video)
