@@ -91,22 +91,32 @@ def info_ns(info: Mapping[str, Any], key: str, where: str) -> int | None:
     return value
 
 
-def checked_start_ns(where: str, start_ns: int | None, first_data_ns: int) -> int:
-    """The recording's start: its stated ``start_ns``, unless that is missing or further than
-    ``START_TOLERANCE_NS`` from its first data timestamp, which then replaces it (with a
-    warning naming ``where`` the start time came from)."""
-    if start_ns is None:
-        return first_data_ns
-    if abs(start_ns - first_data_ns) > START_TOLERANCE_NS:
+def recording_span(
+    info: Mapping[str, Any], where: str, first_ns: int, last_ns: int
+) -> tuple[int, int]:
+    """``(start_ns, duration_ns)`` of a recording whose data runs from ``first_ns`` to
+    ``last_ns``, from its info.json (read from ``where``) where that says and agrees.
+
+    A ``start_time`` further than ``START_TOLERANCE_NS`` from the first data timestamp (a
+    wrong phone clock, an edited file) is not used: the first data timestamp is the start,
+    with a warning, and the duration is the data's.
+    """
+    start_ns = info_ns(info, "start_time", where)
+    duration_ns = info_ns(info, "duration", where)
+    if start_ns is not None and abs(start_ns - first_ns) > START_TOLERANCE_NS:
         log.warning(
             "%s: 'start_time' is %.1f s %s the first data timestamp; using the first data "
             "timestamp as the start",
             where,
-            abs(start_ns - first_data_ns) / 1e9,
-            "before" if start_ns < first_data_ns else "after",
+            abs(start_ns - first_ns) / 1e9,
+            "before" if start_ns < first_ns else "after",
         )
-        return first_data_ns
-    return start_ns
+        start_ns = duration_ns = None
+    if start_ns is None:
+        start_ns = first_ns
+    if duration_ns is None:
+        duration_ns = last_ns - start_ns
+    return start_ns, duration_ns
 
 
 def merge_by_time(*streams: Iterable[SourceItem]) -> Iterator[SourceItem]:

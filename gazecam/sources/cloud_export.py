@@ -35,10 +35,9 @@ from gazecam.records import (
 from gazecam.settings import SourceSettings
 from gazecam.sources.base import (
     SourceStats,
-    checked_start_ns,
-    info_ns,
     item_time_ns,
     merge_by_time,
+    recording_span,
     replay,
 )
 from gazecam.sources.csv_table import (
@@ -197,8 +196,6 @@ def _load(folder: Path) -> tuple[_Export, CameraIntrinsics | None, dict[str, Any
     camera = _read_camera(camera_json) if camera_json.exists() else None
     info_json = folder / "info.json"
     info = _read_json(info_json) if info_json.exists() else {}
-    for key in ("start_time", "duration"):
-        info_ns(info, key, str(info_json))
     export = _Export(video, width_px, height_px, frame_ns, video_frames, gaze, fixations, events)
     return export, camera, info
 
@@ -228,13 +225,9 @@ class CloudExportSource:
         export, camera, info = await asyncio.to_thread(_load, self._path)
         gaze_ns, frame_ns = export.gaze.timestamp_ns, export.frame_ns
         ends_ns = np.concatenate((gaze_ns[:1], gaze_ns[-1:], frame_ns[:1], frame_ns[-1:]))
-        stated_start_ns = info.get("start_time")
-        start_ns = checked_start_ns(
-            str(self._path / "info.json"), stated_start_ns, int(ends_ns.min())
+        start_ns, duration_ns = recording_span(
+            info, str(self._path / "info.json"), int(ends_ns.min()), int(ends_ns.max())
         )
-        duration_ns = info.get("duration")
-        if duration_ns is None or start_ns != stated_start_ns:
-            duration_ns = int(ends_ns.max()) - start_ns
         self._start_ns = start_ns
         videos = export.video_frames
         if videos is not None and videos < frame_ns.size:

@@ -28,13 +28,7 @@ from gazecam.records import (
     SourceItem,
 )
 from gazecam.settings import SourceSettings
-from gazecam.sources.base import (
-    SourceStats,
-    checked_start_ns,
-    info_ns,
-    merge_by_time,
-    replay,
-)
+from gazecam.sources.base import SourceStats, merge_by_time, recording_span, replay
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +113,10 @@ class NeonRecordingSource:
             ]
         )
 
-        info_json = str(path / "info.json")
-        stated_start_ns = info_ns(info, "start_time", info_json)
-        duration_ns = info_ns(info, "duration", info_json)
-        first_ns = min(int(gaze_ts[0]), int(frame_ts[0])) if frame_ts.size else int(gaze_ts[0])
-        start_ns = checked_start_ns(info_json, stated_start_ns, first_ns)
-        if duration_ns is None or start_ns != stated_start_ns:
-            last_ns = max(int(gaze_ts[-1]), int(frame_ts[-1])) if frame_ts.size else gaze_ts[-1]
-            duration_ns = int(last_ns) - start_ns
+        ends_ns = np.concatenate((gaze_ts[:1], gaze_ts[-1:], frame_ts[:1], frame_ts[-1:]))
+        start_ns, duration_ns = recording_span(
+            info, str(path / "info.json"), int(ends_ns.min()), int(ends_ns.max())
+        )
 
         camera = None
         if rec.calibration is not None:
