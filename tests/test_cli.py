@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from subprocess import PIPE
 
@@ -234,13 +235,18 @@ def test_serve_with_a_malformed_neon_address_exits_at_once(tmp_path: Path) -> No
 GAZECAM = Path(sys.executable).parent / "gazecam"
 
 
-def start_recording(tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
-    """``gazecam record synthetic:demo --pace realtime`` as a process of its own (8 s scene)."""
+@pytest.fixture
+def recording(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """``gazecam record synthetic:demo --pace realtime`` as a process of its own (8 s scene),
+    killed at the end of the test if it still runs."""
     rec = tmp_path / "rec"
     env = {**os.environ, "GAZECAM_SYNTHETIC_DURATION_S": "8"}
     args = [str(GAZECAM), "record", "synthetic:demo", "--out", str(rec), "--pace", "realtime"]
     process = subprocess.Popen(args, env=env, stdout=PIPE, stderr=PIPE, text=True)
-    return process, rec
+    yield process, rec
+    if process.poll() is None:
+        process.kill()
+        process.communicate()
 
 
 def wait_until_recorded(process: subprocess.Popen[str], rec: Path, seconds: float) -> None:
@@ -265,8 +271,10 @@ def replayed_frames(rec: Path, out: Path) -> int:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
-def test_stop_signal_finishes_the_recording(tmp_path: Path, signum: signal.Signals) -> None:
-    process, rec = start_recording(tmp_path)
+def test_stop_signal_finishes_the_recording(
+    tmp_path: Path, recording: tuple[subprocess.Popen[str], Path], signum: signal.Signals
+) -> None:
+    process, rec = recording
     wait_until_recorded(process, rec, 1.0)
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=60)
@@ -283,9 +291,11 @@ def test_stop_signal_finishes_the_recording(tmp_path: Path, signum: signal.Signa
 
 
 def test_killed_recording_replays_up_to_its_last_flush(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    recording: tuple[subprocess.Popen[str], Path],
 ) -> None:
-    process, rec = start_recording(tmp_path)
+    process, rec = recording
     wait_until_recorded(process, rec, 2.0)
     listed = len((rec / "world_timestamps.csv").read_text().splitlines()) - 1
     assert process.poll() is None, "the recording ended before it was killed"
@@ -304,8 +314,10 @@ def test_killed_recording_replays_up_to_its_last_flush(
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
-def test_early_ctrl_c_claims_nothing_it_did_not_write(tmp_path: Path) -> None:
-    process, rec = start_recording(tmp_path)
+def test_early_ctrl_c_claims_nothing_it_did_not_write(
+    tmp_path: Path, recording: tuple[subprocess.Popen[str], Path]
+) -> None:
+    process, rec = recording
     # Once its stop handlers are in (SIGTERM is caught), the recording is being set up.
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and process.poll() is None:
