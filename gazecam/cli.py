@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
-from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand
+from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand, SettingsError
 from tqdm import tqdm
 
 from gazecam import __version__
@@ -344,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         CliApp.run(Gazecam, cli_args=args)
     except GazecamError as exc:
         print(f"gazecam: error: {exc}", file=sys.stderr)
+        return 2
+    except SettingsError as exc:  # an environment variable that does not parse, e.g. not JSON
+        print(f"gazecam: error: {exc} ({exc.__cause__})", file=sys.stderr)
         return 2
     except ValidationError as exc:
         for err in exc.errors():

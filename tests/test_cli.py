@@ -140,6 +140,17 @@ def test_bad_input_is_one_line_and_exit_code_2(
     assert len(err.splitlines()) == 1
 
 
+def test_unparsable_environment_setting_is_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GAZECAM_MODEL_PATH", "/models")  # a list setting takes JSON
+    assert main(["models", "list"]) == 2
+    assert capsys.readouterr().err == (
+        'gazecam: error: error parsing value for field "model_path" from source '
+        '"EnvSettingsSource" (Expecting value: line 1 column 1 (char 0))\n'
+    )
+
+
 def test_console_script_reports_errors_without_a_traceback(tmp_path: Path) -> None:
     script = Path(sys.executable).parent / "gazecam"
     result = subprocess.run(
