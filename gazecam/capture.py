@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from gazecam.crop import KeyframeSelector, make_crop
+from gazecam.crop import KeyframeSelector, gaze_on_frame, make_crop
 from gazecam.errors import ConfigError
 from gazecam.fixations import FixationTracker, GazeAngles
 from gazecam.records import (
@@ -54,6 +54,7 @@ class CaptureCounts:
     gaze_ok: int = 0
     no_gaze: int = 0
     not_worn: int = 0
+    off_frame: int = 0  # gaze matched but too far outside the frame to centre a crop
     in_fixation: int = 0
     keyframes: int = 0
 
@@ -101,11 +102,23 @@ class Capture:
         """Complete the frames still waiting for gaze (end of the stream)."""
         return self._label(self.matcher.flush())
 
+    def _on_frame(self, m: MatchedFrame) -> bool:
+        x_px, y_px, frame = m.gaze_x_px, m.gaze_y_px, m.frame
+        return (
+            x_px is not None
+            and y_px is not None
+            and gaze_on_frame(
+                x_px, y_px, frame.width_px, frame.height_px, self.settings.crop_size_px
+            )
+        )
+
     def _label(self, matched: list[MatchedFrame]) -> list[FrameResult | SourceEvent]:
         out: list[FrameResult | SourceEvent] = []
         counts = self.counts
         for m in matched:
             counts.frames += 1
+            if m.status == "ok" and not self._on_frame(m):
+                m = MatchedFrame(m.frame, "off_frame", None, None, None, None)
             if m.status == "ok" and m.gaze_timestamp_ns is not None:
                 counts.gaze_ok += 1
                 fixation_id = self.fixations.fixation_at(m.gaze_timestamp_ns)
@@ -121,8 +134,10 @@ class Capture:
                     )
             elif m.status == "no_gaze":
                 counts.no_gaze += 1
-            else:
+            elif m.status == "not_worn":
                 counts.not_worn += 1
+            else:
+                counts.off_frame += 1
             keyframe = self.keyframes.select(m)
             counts.keyframes += keyframe
             out.append(FrameResult(m, keyframe))

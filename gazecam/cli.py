@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
-from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand
+from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand, SettingsError
 from tqdm import tqdm
 
 from gazecam import __version__
@@ -24,10 +27,11 @@ from gazecam.export import CropWriter
 from gazecam.records import CropMode, SourceEvent
 from gazecam.server.command import ServeCommand
 from gazecam.settings import CaptureSettings, Pace, SourceSettings
-from gazecam.sources import open_source
+from gazecam.sources import check_address, open_source
 
 if TYPE_CHECKING:
     from gazecam.assistant import Assistant
+    from gazecam.recorder import RecordSummary
 
 SOURCE_HELP = (
     "A Neon recording or Pupil Cloud export folder, neon://auto, neon://HOST[:PORT], "
@@ -43,6 +47,12 @@ _FLAG_FOR_SETTING = {
     "thumbnail_px": "thumbnail",
     "fixation_detector": "fixations",
 }
+
+
+def _show_warnings() -> None:
+    """Warnings from the readers (a cut-short recording, a doubtful start time) as one line each
+    on stderr, like the errors."""
+    logging.basicConfig(level=logging.WARNING, format="gazecam: warning: %(message)s")
 
 
 def _overrides(**flags: Any) -> dict[str, Any]:
@@ -74,6 +84,8 @@ class CropsCommand(BaseModel):
 
     def cli_cmd(self) -> None:
         """Run the command."""
+        check_address(self.source)
+        _show_warnings()
         capture_settings = CaptureSettings(
             **_overrides(
                 crop_size_px=self.size,
@@ -89,9 +101,13 @@ class CropsCommand(BaseModel):
         )
         print(
             f"{summary['crops']} crops from {summary['frames']} frames "
-            f"({summary['no_gaze']} without gaze, {summary['not_worn']} not worn) "
-            f"-> {self.out}"
+            f"({summary['no_gaze']} without gaze, {summary['not_worn']} not worn, "
+            f"{summary['off_frame']} with gaze off the frame) -> {self.out}"
         )
+
+
+# What ends a recording as Ctrl-C does: systemd's stop, and a closed terminal.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class RecordCommand(BaseModel):
@@ -104,18 +120,70 @@ class RecordCommand(BaseModel):
     )
 
     def cli_cmd(self) -> None:
-        """Run the command."""
-        from gazecam.recorder import record
+        """Run the command.
 
-        source = open_source(self.source, SourceSettings(**_overrides(pace=self.pace)))
+        SIGINT (Ctrl-C), SIGTERM and SIGHUP stop the recording: its files are finished and
+        the command ends with exit code 0. Stopped before the source opened, it has recorded
+        nothing and leaves no folder; the exit code is then 128 + the signal's number.
+        """
+        from gazecam.recorder import check_out_dir
+
+        check_address(self.source)
+        check_out_dir(self.out)
+        _show_warnings()
+        progress: list[RecordSummary] = []  # the latest summary
         with tqdm(unit="frame", desc="recording", disable=None) as bar:
-            summary = asyncio.run(
-                record(source, self.out, on_progress=lambda s: bar.update(s.frames - bar.n))
+
+            def on_progress(summary: RecordSummary) -> None:
+                progress[:] = [summary]
+                bar.update(summary.frames - bar.n)
+
+            stopped_by = asyncio.run(self._record(on_progress))
+        if not progress:  # stopped before the source opened: no folder was made
+            assert stopped_by is not None
+            print(
+                f"gazecam: {stopped_by.name} before the recording began; nothing was written",
+                file=sys.stderr,
             )
+            raise SystemExit(128 + stopped_by.value)
+        summary = progress[0]
+        how = f" (stopped by {stopped_by.name})" if stopped_by is not None else ""
         print(
             f"recorded {summary.frames} frames and {summary.gaze_samples} gaze samples "
-            f"-> {self.out}"
+            f"-> {self.out}{how}"
         )
+
+    async def _record(self, on_progress: Callable[[RecordSummary], None]) -> signal.Signals | None:
+        """Record until the source ends or a stop signal comes; the signal, if one came."""
+        from gazecam.recorder import record
+
+        async def run() -> None:
+            settings = SourceSettings(**_overrides(pace=self.pace))
+            # Creating a source can take a while (a synthetic scene is rendered): in a thread,
+            # so that a stop signal is taken at once.
+            source = await asyncio.to_thread(open_source, self.source, settings)
+            await record(source, self.out, on_progress)
+
+        loop = asyncio.get_running_loop()
+        recording = asyncio.create_task(run())
+        stopped_by: list[signal.Signals] = []
+
+        def stop(signum: signal.Signals) -> None:
+            if not stopped_by:
+                stopped_by.append(signum)
+                recording.cancel()  # record() finishes the files before it ends
+
+        for signum in _STOP_SIGNALS:
+            loop.add_signal_handler(signum, stop, signum)
+        try:
+            await recording
+        except asyncio.CancelledError:
+            if not stopped_by:
+                raise
+        finally:
+            for signum in _STOP_SIGNALS:
+                loop.remove_signal_handler(signum)
+        return stopped_by[0] if stopped_by else None
 
 
 class AskCommand(BaseModel):
@@ -133,6 +201,8 @@ class AskCommand(BaseModel):
         """Run the command."""
         from gazecam.assistant import Answer
 
+        check_address(self.source)  # before the models load
+        _show_warnings()
         answer: Answer | None = None
         for item in asyncio.run(prepare_assistant(self.source, self.task, self.at)).ask(
             self.question
@@ -271,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     except GazecamError as exc:
         print(f"gazecam: error: {exc}", file=sys.stderr)
         return 2
+    except SettingsError as exc:  # an environment variable that does not parse, e.g. not JSON
+        print(f"gazecam: error: {exc} ({exc.__cause__})", file=sys.stderr)
+        return 2
     except ValidationError as exc:
         for err in exc.errors():
             name = str(err["loc"][-1]) if err["loc"] else "input"
@@ -279,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gazecam: error: {where}: {err['msg']}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("gazecam: interrupted; everything written so far is kept", file=sys.stderr)
+        # No claim about files: 'crops' keeps the crops it wrote, 'record' takes Ctrl-C itself
+        # once it runs, and before that nothing was written.
+        print("gazecam: interrupted", file=sys.stderr)
         return 130
     return 0
 

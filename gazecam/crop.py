@@ -29,6 +29,19 @@ def crop_box(
     return Box(x0, y0, x1, y1)
 
 
+def gaze_on_frame(x_px: float, y_px: float, width_px: int, height_px: int, size_px: int) -> bool:
+    """Whether a gaze point may centre a crop: finite, and less than half a crop off the frame.
+
+    A point up to half a crop outside an edge still has its surroundings partly in view, so
+    its crop slides inside the frame as usual. Beyond that (bad calibration, a NaN that became
+    a huge number) the slid crop would show the frame's edge, not where the wearer looks.
+    """
+    margin_px = size_px / 2
+    return bool(
+        -margin_px < x_px < width_px + margin_px and -margin_px < y_px < height_px + margin_px
+    )
+
+
 def box_for(matched: MatchedFrame, mode: CropMode, size_px: int) -> Box:
     """The crop box of a matched frame in a crop mode ('gaze' needs a matched gaze point)."""
     w, h = matched.frame.width_px, matched.frame.height_px

@@ -2,8 +2,12 @@
 
 The folder gets ``gaze.csv``, ``world_timestamps.csv``, ``events.csv``, ``fixations.csv`` (when
 the source has fixations), ``scene_camera.json`` (when it has intrinsics), ``info.json`` and
-the scene video ``scene.mp4``. Rows reach the disk at least once a second and the video is
-crash-safe (see ``VideoWriter``), so a failing or cancelled recording keeps what it had.
+the scene video ``scene.mp4``. A failing or cancelled recording finishes its files and keeps
+what it had. A killed one (SIGKILL, out of memory) keeps everything up to its last flush, once a
+second: rows reach the disk then, whole lines only; ``info.json`` is written at the start and
+rewritten (atomically) at each flush with the duration so far; the video is written in
+one-second fragments (see ``VideoWriter``), and a frame's row in ``world_timestamps.csv`` is
+written only once its fragment is on disk, so every frame listed is in the video.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import json
 import os
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
-from contextlib import ExitStack, closing
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -37,6 +42,9 @@ VIDEO_NAME = "scene.mp4"
 # world_timestamps.csv. Neon's scene camera runs at 30 Hz.
 _VIDEO_FPS = 30.0
 _FLUSH_INTERVAL_S = 1.0
+# Rows are written to the operating system only at a flush, in one piece, so that a killed
+# recording never leaves half a line: a second of 200 Hz gaze is about 30 KB.
+_CSV_BUFFER_BYTES = 1 << 20
 
 _ANGLE_COLUMNS = ["azimuth [deg]", "elevation [deg]"]
 _IDS = ["section id", "recording id"]
@@ -83,20 +91,22 @@ class _ExportWriter:
         self._start_ns = info.start_ns
         self._last_ns: int | None = None
         self._flushed_at_s = time.monotonic()
+        self._frames_pending: deque[int] = deque()  # timestamps of frames not yet on disk
+        self._frames_listed = 0  # rows in world_timestamps.csv
         with ExitStack() as stack:
-            # Runs last on close: info.json describes the finished files.
+            # The callbacks and files close in reverse order: pending gaze rows, the video and
+            # the rows of its last frames, the CSV files, and last info.json, which then
+            # describes the finished files.
             stack.callback(self._write_info)
-            self._video = stack.enter_context(
-                VideoWriter(
-                    out_dir / VIDEO_NAME, info.frame_width_px, info.frame_height_px, _VIDEO_FPS
-                )
-            )
             self._gaze = self._open_csv(stack, "gaze.csv", _GAZE_HEADER)
             self._world = self._open_csv(stack, "world_timestamps.csv", [*_IDS, "timestamp [ns]"])
             self._events = self._open_csv(
                 stack, "events.csv", ["recording id", "timestamp [ns]", "name", "type"]
             )
-            # Runs first on close, while gaze.csv is still open.
+            self._video = VideoWriter(
+                out_dir / VIDEO_NAME, info.frame_width_px, info.frame_height_px, _VIDEO_FPS
+            )
+            stack.callback(self._close_video)
             stack.callback(self._write_pending_gaze)
             if info.camera is not None:
                 camera = {
@@ -104,10 +114,14 @@ class _ExportWriter:
                     "distortion_coefficients": [list(info.camera.distortion)],
                 }
                 (out_dir / "scene_camera.json").write_text(json.dumps(camera, indent=2))
+            self._write_info()
             self._stack = stack.pop_all()
 
     def _open_csv(self, stack: ExitStack, name: str, header: list[str]) -> CsvWriter:
-        file = stack.enter_context((self._dir / name).open("w", newline="", encoding="utf-8"))
+        path = self._dir / name
+        file = stack.enter_context(
+            path.open("w", newline="", encoding="utf-8", buffering=_CSV_BUFFER_BYTES)
+        )
         self._files.append(file)
         writer = csv.writer(file)
         writer.writerow(header)
@@ -141,9 +155,22 @@ class _ExportWriter:
                 f"the source announced {size_px[0]}x{size_px[1]}"
             )
         self._video.write(frame.bgr())
-        # The timestamp is written only once its frame is in the video, so the two agree.
-        self._world.writerow([self._id, self._id, frame.timestamp_ns])
+        self._frames_pending.append(frame.timestamp_ns)
+        self._write_frames_on_disk()
         self._counts["frames"] += 1
+
+    def _close_video(self) -> None:
+        try:
+            self._video.close()
+        finally:
+            self._write_frames_on_disk()
+
+    def _write_frames_on_disk(self) -> None:
+        # A frame's timestamp is written only once the frame is on disk, so that every frame
+        # world_timestamps.csv lists is in the video, even if the process is killed.
+        while self._frames_listed < self._video.frames_on_disk:
+            self._world.writerow([self._id, self._id, self._frames_pending.popleft()])
+            self._frames_listed += 1
 
     def _add_fixation(self, fixation: Fixation) -> None:
         if self._fixations is None:
@@ -172,10 +199,11 @@ class _ExportWriter:
         self._pending_gaze.clear()
 
     def flush(self) -> None:
-        """Put every row so far on the disk."""
+        """Put every row so far on the disk (frames: those whose video fragment is there)."""
         self._write_pending_gaze()
         for file in self._files:
             file.flush()
+        self._write_info()
         self._flushed_at_s = time.monotonic()
 
     def summary(self) -> RecordSummary:
@@ -206,12 +234,16 @@ class _ExportWriter:
         self._stack.close()
 
 
-def _prepare_out_dir(out_dir: Path) -> None:
-    """Create ``out_dir``, refusing one that holds anything: a recording is never overwritten."""
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an ``out_dir`` that holds anything: a recording is never overwritten."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{out_dir}: exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         raise ConfigError(f"{out_dir}: not empty; record into a new or empty folder")
+
+
+def _create_out_dir(out_dir: Path) -> None:
+    check_out_dir(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -225,18 +257,26 @@ async def record(
 ) -> RecordSummary:
     """Open ``source``, write everything it yields to ``out_dir`` as a Pupil Cloud export, close it.
 
-    ``out_dir`` must not exist or be empty. When the stream fails or the task is cancelled,
-    the files are finished first (so they hold everything up to then) and the exception then
-    propagates. ``on_progress`` is called after every scene frame.
+    ``out_dir`` must not exist or be empty; it is created once the source has opened (a
+    recording that never began leaves no folder). When the stream fails or the task is
+    cancelled, the files are finished first (so they hold everything up to then) and the
+    exception then propagates. ``on_progress`` is called after every scene frame, and once
+    more with the final summary when the files are finished (also after a failure).
     """
-    _prepare_out_dir(out_dir)
+    check_out_dir(out_dir)  # before opening the source, which may take a while
     try:
         info = await source.open()
-        with closing(_ExportWriter(out_dir, info)) as writer:
+        _create_out_dir(out_dir)
+        writer = _ExportWriter(out_dir, info)
+        try:
             async for item in source.stream():
                 writer.add(item)
                 if on_progress is not None and isinstance(item, SceneFrame):
                     on_progress(writer.summary())
+        finally:
+            writer.close()
+            if on_progress is not None:
+                on_progress(writer.summary())
     finally:
         await source.close()
     return writer.summary()

@@ -174,7 +174,8 @@ class Box:
         return [self.x0, self.y0, self.x1, self.y1]
 
 
-GazeStatus = Literal["ok", "no_gaze", "not_worn"]
+# "off_frame": gaze matched, but so far outside the frame that it is no crop centre.
+GazeStatus = Literal["ok", "no_gaze", "not_worn", "off_frame"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +183,8 @@ class MatchedFrame:
     """A scene frame with the gaze matched to its timestamp and its fixation state.
 
     ``gaze_x_px``/``gaze_y_px`` are None unless ``status`` is "ok": a frame with no gaze in
-    tolerance, or taken while the glasses were off, never gets a stale gaze point.
+    tolerance, taken while the glasses were off, or whose gaze lies off the frame never gets a
+    stale or made-up gaze point.
     """
 
     frame: SceneFrame

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import av
 import av.error
@@ -30,15 +31,29 @@ def probe_video(path: Path) -> tuple[int, int, int | None]:
 def decode_frames(path: Path) -> Iterator[av.VideoFrame]:
     """Decode a video's frames in order; a corrupt stream becomes a SourceError naming the file.
 
-    The frames are left in their decoded pixel format: converting one to BGR
-    (``frame.to_ndarray(format="bgr24")``) costs milliseconds and is done only for frames
-    that are cropped.
+    Where the stream is damaged part way (a recording cut off mid-write), every frame before
+    the damage is yielded first, the SourceError comes after them. The frames are left in their
+    decoded pixel format: converting one to BGR (``frame.to_ndarray(format="bgr24")``) costs
+    milliseconds and is done only for frames that are cropped.
     """
     try:
         with av.open(str(path)) as container:
             # Default slice threading only: frame threading ("AUTO") adds a frame of latency per
             # thread and can deadlock when a decoder is freed mid-stream (PyAV issues #909, #367).
-            yield from container.decode(container.streams.video[0])
+            stream = container.streams.video[0]
+            damage = None
+            for packet in container.demux(stream):
+                if packet.is_corrupt:  # the demuxer found less data than the index promised
+                    damage = f"frame data cut short at byte {packet.pos}"
+                    break
+                try:
+                    yield from stream.decode(packet)
+                except av.error.InvalidDataError as exc:
+                    damage = str(exc)
+                    break
+            if damage is not None:
+                yield from stream.decode(None)  # the frames still in the decoder are whole
+                raise SourceError(f"{path}: the video is damaged from here on: {damage}")
     except (av.error.FFmpegError, OSError) as exc:
         raise SourceError(f"{path}: cannot decode the video ({exc})") from exc
 
@@ -48,8 +63,10 @@ class VideoWriter:
 
     By default the MP4 is fragmented (``frag_keyframe+empty_moov``): each keyframe starts a
     fragment that is complete on disk, so a crash loses at most the last second, not the whole
-    file. ``fragmented=False`` writes a plain MP4 as the Neon Companion app does (Pupil Labs'
-    video reader seeks to the wrong frame in fragmented files).
+    file. ``frames_on_disk`` says how many frames are in complete fragments (handed to the
+    operating system, so they survive the process being killed). ``fragmented=False`` writes a
+    plain MP4 as the Neon Companion app does (Pupil Labs' video reader seeks to the wrong frame
+    in fragmented files); its frames are on disk only once it is closed.
     """
 
     def __init__(
@@ -57,7 +74,13 @@ class VideoWriter:
     ) -> None:
         self.path = path
         self.frames_written = 0
-        options = {"movflags": "frag_keyframe+empty_moov"} if fragmented else {}
+        self.frames_on_disk = 0
+        self._fragmented = fragmented
+        # flush_packets: a finished fragment goes to the operating system at once, not when
+        # the 32 KiB I/O buffer next fills.
+        options = (
+            {"movflags": "frag_keyframe+empty_moov", "flush_packets": "1"} if fragmented else {}
+        )
         self._container = av.open(str(path), mode="w", options=options)
         self._stream = self._container.add_stream(
             "libx264", rate=Fraction(fps).limit_denominator(1000)
@@ -67,22 +90,35 @@ class VideoWriter:
         self._stream.pix_fmt = "yuv420p"
         # One keyframe a second bounds what a crash can lose.
         self._stream.options = {"g": str(max(1, round(fps))), "preset": "veryfast", "crf": "20"}
+        # The header now, not at the first frame: a recording stopped before its first frame
+        # still has a video (a readable, empty one when fragmented).
+        self._container.start_encoding()
 
     def write(self, bgr: BGRImage) -> None:
         """Append one frame, (height_px, width_px, 3) BGR uint8."""
         frame = av.VideoFrame.from_ndarray(bgr, format="bgr24")
-        for packet in self._stream.encode(frame):
-            self._container.mux(packet)
+        frame.pts = self.frames_written  # in 1/fps: a packet's pts is its frame's index
+        self._mux(self._stream.encode(frame))
         self.frames_written += 1
+
+    def _mux(self, packets: list[av.Packet[Any]]) -> None:
+        for packet in packets:
+            # Read before muxing, which rescales the pts to the stream's time base.
+            keyframe_index = packet.pts if packet.is_keyframe else None
+            self._container.mux(packet)
+            # A keyframe starts a new fragment, which wrote out the one before: every frame
+            # before this one (the GOP is closed: none comes after it in coding order).
+            if self._fragmented and keyframe_index is not None:
+                self.frames_on_disk = max(self.frames_on_disk, int(keyframe_index))
 
     def close(self) -> None:
         """Flush the encoder and finish the file."""
         if self._container is None:
             return
-        for packet in self._stream.encode():
-            self._container.mux(packet)
+        self._mux(self._stream.encode())
         self._container.close()
         self._container = None  # type: ignore[assignment]
+        self.frames_on_disk = self.frames_written
 
     def __enter__(self) -> VideoWriter:
         return self

@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from gazecam.capture import Capture, CaptureResult, capture
+from gazecam.capture import Capture, CaptureResult, FrameResult, capture
+from gazecam.crop import box_for
 from gazecam.errors import ConfigError
-from gazecam.records import Crop, SourceEvent
+from gazecam.records import (
+    Box,
+    Crop,
+    Fixation,
+    GazeSample,
+    SceneFrame,
+    SourceEvent,
+    SourceInfo,
+    SourceItem,
+)
 from gazecam.settings import CaptureSettings, SourceSettings
 from gazecam.sources import open_source
+from gazecam.sources.base import item_time_ns
 from gazecam.sources.synthetic import START_NS, read_frame_code
 
 SETTINGS = SourceSettings(synthetic_duration_s=12.0)
+BLACK = np.zeros((1200, 1600, 3), np.uint8)
 
 
 async def run(address: str, settings: CaptureSettings, sources: SourceSettings = SETTINGS):  # type: ignore[no-untyped-def]
@@ -121,3 +134,40 @@ async def test_fixation_source_must_exist_when_asked_for() -> None:
     info = await source.open()
     with pytest.raises(ConfigError, match="synthetic:demo: has no fixation stream"):
         Capture(info, CaptureSettings(fixation_detector="source"))
+
+
+def test_gaze_off_the_frame_is_counted_and_never_a_crop_centre() -> None:
+    info = SourceInfo("test", "synthetic", 1600, 1200, has_fixations=True)
+    core = Capture(info, CaptureSettings(fixation_detector="source"))
+    # One second each: gaze far off (bad calibration), huge, NaN, just off the left edge
+    # (within half a 448 px crop), and on the frame; a fixation in the middle of each second.
+    places = [(-5000.0, 600.0), (800.0, 1e9), (math.nan, 600.0), (-100.0, 600.0), (800.0, 600.0)]
+    items: list[SourceItem] = []
+    for k, (x, y) in enumerate(places):
+        t0 = k * 10**9
+        items += [GazeSample(t0 + i * 5_000_000, x, y, True) for i in range(200)]
+        items += [
+            SceneFrame(t0 + 10**7 + j * 33_333_333, 30 * k + j, 1600, 1200, decode=lambda: BLACK)
+            for j in range(30)
+        ]
+        items.append(Fixation(t0 + 10**8, t0 + 9 * 10**8, x, y))
+    items.sort(key=item_time_ns)
+    results = [r for item in items for r in core.push(item)] + core.flush()
+    frames = [r for r in results if isinstance(r, FrameResult)]
+    assert len(frames) == 150
+    assert {r.matched.status for r in frames[:90]} == {"off_frame"}
+    assert all(r.matched.gaze_x_px is None and not r.keyframe for r in frames[:90])
+    assert {r.matched.status for r in frames[90:]} == {"ok"}
+    assert vars(core.counts) == {
+        "frames": 150,
+        "gaze_ok": 60,
+        "no_gaze": 0,
+        "not_worn": 0,
+        "off_frame": 90,
+        "in_fixation": 48,
+        "keyframes": 2,
+    }
+    keyframes = [r.matched for r in frames if r.keyframe]
+    # Just off the edge: the crop slides inside the frame, as on the frame's own edge.
+    assert box_for(keyframes[0], "gaze", 448) == Box(0, 376, 448, 824)
+    assert box_for(keyframes[1], "gaze", 448) == Box(576, 376, 1024, 824)

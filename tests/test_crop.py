@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gazecam.crop import KeyframeSelector, box_for, crop_box, make_crop
+from gazecam.crop import KeyframeSelector, box_for, crop_box, gaze_on_frame, make_crop
 from gazecam.records import Box, GazeStatus, MatchedFrame, SceneFrame
 
 MS = 1_000_000
@@ -98,3 +98,22 @@ def test_frames_without_gaze_or_fixation_are_never_keyframes() -> None:
     assert not selector.select(matched(None, None, status="no_gaze", fixation=None))
     assert not selector.select(matched(None, None, status="not_worn", fixation=None))
     assert not selector.select(matched(800.0, 600.0, fixation=None))
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "on_frame"),
+    [
+        (800.0, 600.0, True),
+        (0.0, 1199.9, True),
+        (-223.0, 600.0, True),  # within half a crop of the edge: its crop slides in
+        (1600 + 223.0, 1200 + 223.0, True),
+        (-224.0, 600.0, False),  # a centred crop would not show any of the frame
+        (800.0, 1424.0, False),
+        (-5000.0, 600.0, False),
+        (800.0, 1e9, False),
+        (float("nan"), 600.0, False),
+        (800.0, float("inf"), False),
+    ],
+)
+def test_gaze_far_off_the_frame_is_no_crop_centre(x: float, y: float, on_frame: bool) -> None:
+    assert gaze_on_frame(x, y, 1600, 1200, 448) is on_frame

@@ -19,10 +19,10 @@ from gazecam.recorder import RecordSummary, record
 from gazecam.records import Fixation, GazeSample, SceneFrame, SourceEvent, SourceInfo, SourceItem
 from gazecam.sources.base import SourceStats
 from gazecam.sources.cloud_export import CloudExportSource
+from gazecam.video import decode_frames
 from tests.sources.test_cloud_export import (
     CAMERA_MATRIX,
     EVENTS,
-    GAZE_STEP_NS,
     HEIGHT_PX,
     START_NS,
     WIDTH_PX,
@@ -66,7 +66,8 @@ async def test_round_trip(tmp_path: Path) -> None:
         events=len(EVENTS),
         duration_ns=last_ns - START_NS,
     )
-    assert [p.frames for p in progress] == list(range(1, 21))
+    assert [p.frames for p in progress] == [*range(1, 21), 20]  # the last: the final summary
+    assert progress[-1] == summary
 
     info, items, pixels = await read_all(CloudExportSource(out, fast()))
     assert info == SourceInfo(
@@ -127,22 +128,29 @@ async def test_angles_from_neon_field_of_view_without_intrinsics(tmp_path: Path)
         assert float(row["elevation [deg]"]) == pytest.approx(el, abs=1e-6)
 
 
-async def test_rows_are_on_disk_while_recording(
+async def test_what_is_on_disk_while_recording_replays(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """At every frame, the folder as it is on disk is a consistent recording: each frame that
+    world_timestamps.csv lists is in the video, every gaze row is there, info.json is current."""
     monkeypatch.setattr(gazecam.recorder, "_FLUSH_INTERVAL_S", 0.0)
-    export = write_export(tmp_path / "export", frames=10)
+    export = write_export(tmp_path / "export", frames=70)
     out = tmp_path / "recorded"
-    on_disk: list[tuple[int, int]] = []
+    listed_during: list[int] = []
 
     def check(summary: RecordSummary) -> None:
-        frames = len(read_rows(out / "world_timestamps.csv"))
-        gaze = len(read_rows(out / "gaze.csv"))
-        on_disk.append((frames, gaze))
-        assert (frames, gaze) == (summary.frames, summary.gaze_samples)
+        listed = len(read_rows(out / "world_timestamps.csv"))
+        assert listed == sum(1 for _ in decode_frames(out / "scene.mp4")) <= summary.frames
+        assert len(read_rows(out / "gaze.csv")) == summary.gaze_samples
+        info = json.loads((out / "info.json").read_text())
+        assert (info["start_time"], info["duration"]) == (START_NS, summary.duration_ns)
+        listed_during.append(listed)
 
     await record(CloudExportSource(export.folder, fast()), out, check)
-    assert len(on_disk) == 10
+    assert len(listed_during) == 71  # after each frame, and once finished
+    # Frames are listed a fragment (up to a second, to the next keyframe) at a time.
+    assert listed_during == sorted(listed_during) and 0 < listed_during[-2] < 70
+    assert listed_during[-1] == 70
 
 
 @pytest.mark.parametrize("make_out", ["file inside", "is a file"])
@@ -168,20 +176,21 @@ async def test_empty_existing_out_dir_is_used(tmp_path: Path) -> None:
     assert (await record(CloudExportSource(export.folder, fast()), out)).frames == 2
 
 
-async def test_source_error_mid_stream_keeps_what_came_before(tmp_path: Path) -> None:
+async def test_a_cut_short_source_is_recorded_up_to_its_last_frame(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     export = write_export(tmp_path / "export", frames=20, video_frames=12)
     out = tmp_path / "recorded"
-    with pytest.raises(SourceError, match="12 frames but world_timestamps"):
-        await record(CloudExportSource(export.folder, fast()), out)
+    summary = await record(CloudExportSource(export.folder, fast()), out)
+    assert "the last 8 frames (0.27 s) do not decode" in caplog.text
 
     info, items, pixels = await read_all(CloudExportSource(out, fast()))
-    assert info.frame_count == 12
+    assert info.frame_count == summary.frames == 12
     assert [f.timestamp_ns for f in of_type(items, SceneFrame)] == export.frame_ns[:12]
     assert [frame_code(p) for p in pixels] == list(range(12))
     gaze_ns = [g.timestamp_ns for g in of_type(items, GazeSample)]
-    assert gaze_ns == export.gaze_ns[: len(gaze_ns)]
-    # The source fails as it reaches for frame 12, so gaze stops at frame 11.
-    assert export.frame_ns[11] - GAZE_STEP_NS < gaze_ns[-1] <= export.frame_ns[11]
+    # Nothing after the last good frame: the source ends where its video does.
+    assert gaze_ns == [t for t in export.gaze_ns if t < export.frame_ns[12]]
     assert info.duration_ns is not None and info.duration_ns >= export.frame_ns[11] - START_NS
 
 

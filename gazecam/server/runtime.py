@@ -26,7 +26,7 @@ from gazecam.server.errors import ClientError
 from gazecam.server.pipeline import Pipeline, PipelineStats
 from gazecam.server.settings import ServerSettings
 from gazecam.settings import CaptureSettings, SourceSettings
-from gazecam.sources import open_source
+from gazecam.sources import check_address, open_source
 from gazecam.sources.base import Source
 from gazecam.sources.looped import LoopedSource
 from gazecam.steps import StepEstimate
@@ -37,12 +37,15 @@ _END = object()  # the generation thread's last item
 
 
 def source_factory(address: str, settings: SourceSettings) -> Callable[[], Source]:
-    """What the capture loop (re)opens: live glasses as they are, anything else looped."""
+    """What the capture loop (re)opens: live glasses as they are, anything else looped.
+
+    A malformed address is refused here, before the service starts (ConfigError/SourceError).
+    """
+    check_address(address)
     if address.startswith("neon://"):
         return lambda: open_source(address, settings)
     # The loop paces in real time; each pass is read as fast as the loop pulls it.
     inner = settings.model_copy(update={"pace": "fast"})
-    open_source(address, inner)  # refuses a bad address now, not at every restart
     return lambda: LoopedSource(lambda: open_source(address, inner))
 
 

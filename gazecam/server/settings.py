@@ -14,6 +14,8 @@ import socket
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gazecam.sources import check_address
+
 MIN_TOKEN_CHARS = 16
 
 
@@ -95,6 +97,13 @@ class ServerSettings(BaseSettings):
     restart_backoff_max_s: float = Field(
         10.0, gt=0, description="The wait before restarting a source grows up to this."
     )
+
+    @field_validator("source")
+    @classmethod
+    def _source_well_formed(cls, source: str) -> str:
+        # Raises ConfigError/SourceError (not ValueError): the command line shows it as it is.
+        check_address(source)
+        return source
 
     @field_validator("token")
     @classmethod

@@ -14,7 +14,7 @@ from gazecam.errors import ConfigError, SourceError
 from gazecam.settings import SourceSettings
 from gazecam.sources.base import Source, SourceStats
 
-__all__ = ["Source", "SourceStats", "detect_folder_format", "open_source"]
+__all__ = ["Source", "SourceStats", "check_address", "detect_folder_format", "open_source"]
 
 
 def detect_folder_format(path: Path) -> str:
@@ -33,8 +33,35 @@ def detect_folder_format(path: Path) -> str:
     )
 
 
+_ADDRESS_FORMS = "a folder, neon://auto, neon://HOST[:PORT] or synthetic:NAME"
+
+
+def check_address(address: str) -> None:
+    """Refuse a malformed source address with one line, before anything is started.
+
+    Checks the form only (a known synthetic scene, a well-formed neon:// address, a folder that
+    holds a recording or an export); whether the glasses answer is found out by ``open()``.
+    """
+    if not address.strip():
+        raise ConfigError(f"empty source address (use {_ADDRESS_FORMS})")
+    if address.startswith("synthetic:"):
+        from gazecam.sources.synthetic import SCENES
+
+        if address.removeprefix("synthetic:") not in SCENES:
+            raise ConfigError(f"{address}: unknown synthetic scene (known: {', '.join(SCENES)})")
+    elif address.startswith("neon://"):
+        from gazecam.sources.neon_live import parse_neon_address
+
+        parse_neon_address(address)
+    elif "://" in address:
+        raise ConfigError(f"{address}: unknown source address (use {_ADDRESS_FORMS})")
+    else:
+        detect_folder_format(Path(address).expanduser())
+
+
 def open_source(address: str, settings: SourceSettings | None = None) -> Source:
-    """Create the source for an address; nothing is read until its ``open()``."""
+    """Create the source for an address (checked first); nothing is read until its ``open()``."""
+    check_address(address)
     settings = settings or SourceSettings()
     if address.startswith("synthetic:"):
         from gazecam.sources.synthetic import SyntheticSource
@@ -44,11 +71,6 @@ def open_source(address: str, settings: SourceSettings | None = None) -> Source:
         from gazecam.sources.neon_live import NeonLiveSource
 
         return NeonLiveSource(address, settings)
-    if "://" in address:
-        raise ConfigError(
-            f"{address}: unknown source address (use a folder, neon://auto, neon://HOST[:PORT] "
-            "or synthetic:NAME)"
-        )
     path = Path(address).expanduser()
     if detect_folder_format(path) == "neon-recording":
         from gazecam.sources.neon_recording import NeonRecordingSource

@@ -10,12 +10,10 @@ recording never exists as millions of Python objects at once.
 from __future__ import annotations
 
 import asyncio
-import csv
 import json
-import math
-from array import array
-from collections.abc import AsyncIterator, Callable, Generator, Sequence
-from dataclasses import dataclass
+import logging
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,114 +33,26 @@ from gazecam.records import (
     SourceItem,
 )
 from gazecam.settings import SourceSettings
-from gazecam.sources.base import SourceStats, merge_by_time, replay
+from gazecam.sources.base import (
+    SourceStats,
+    item_time_ns,
+    merge_by_time,
+    recording_span,
+    replay,
+)
+from gazecam.sources.csv_table import (
+    Col,
+    parse_finite,
+    parse_fixation_id,
+    parse_timestamp,
+    parse_worn,
+    read_csv,
+)
 from gazecam.video import decode_frames, probe_video
 
+log = logging.getLogger(__name__)
+
 TIMESTAMP_COL = "timestamp [ns]"
-_WORN = {"1": 1, "1.0": 1, "true": 1, "0": 0, "0.0": 0, "false": 0}
-
-
-def _parse_worn(text: str) -> int:
-    key = text.strip().lower()
-    if key not in _WORN:
-        raise ValueError(text)
-    return _WORN[key]
-
-
-def _parse_finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(text)
-    return value
-
-
-def _parse_fixation_id(text: str) -> int:
-    """An id (pandas-written exports may say ``12.0``); empty, i.e. no fixation, is -1."""
-    if not text.strip():
-        return -1
-    value = float(text)
-    if value < 0 or value != int(value):
-        raise ValueError(text)
-    return int(value)
-
-
-# What each parser accepts, for the error message when a cell is not that.
-_EXPECTED: dict[Callable[[str], Any], str] = {
-    int: "an integer",
-    _parse_finite: "a finite number",
-    _parse_worn: "1/0, 1.0/0.0 or True/False",
-    _parse_fixation_id: "an integer id or nothing",
-}
-
-
-@dataclass(frozen=True, slots=True)
-class _Col:
-    """One CSV column to read: its header name, parser and storage type."""
-
-    name: str
-    parse: Callable[[str], Any]
-    typecode: str  # array typecode ("q" int64, "d" float64, "b" int8), "" keeps Python strings
-    required: bool = True
-
-
-def _read_csv(path: Path, cols: Sequence[_Col], ordered_by: str | None = None) -> dict[str, Any]:
-    """Read the given columns of a CSV file, checking that ``ordered_by`` never decreases.
-
-    Returns a numpy array (a list for string columns) per column found; optional columns
-    missing from the header are left out.
-    """
-    if not path.is_file():
-        raise SourceError(f"{path}: missing file")
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            header = [name.strip() for name in next(reader, [])]
-            if not header:
-                raise SourceError(f"{path}: empty file (no header row)")
-            for col in cols:
-                if col.required and col.name not in header:
-                    raise SourceError(f"{path}: missing column '{col.name}'")
-            present = [col for col in cols if col.name in header]
-            index = [header.index(col.name) for col in present]
-            store: dict[str, Any] = {
-                c.name: array(c.typecode) if c.typecode else [] for c in present
-            }
-            lists = [store[c.name] for c in present]
-            ordered = next((k for k, c in enumerate(present) if c.name == ordered_by), None)
-            previous: Any = None
-            for row in reader:
-                if not row:
-                    continue  # blank line, e.g. a trailing newline
-                if len(row) < len(header):
-                    raise SourceError(
-                        f"{path} line {reader.line_num}: {len(row)} fields, the header has "
-                        f"{len(header)}"
-                    )
-                values = _parse_row(f"{path} line {reader.line_num}", present, index, row)
-                if ordered is not None:
-                    if previous is not None and values[ordered] < previous:
-                        raise SourceError(
-                            f"{path} line {reader.line_num}: '{present[ordered].name}' "
-                            f"{values[ordered]} is out of order (the row before has {previous})"
-                        )
-                    previous = values[ordered]
-                for values_of_col, value in zip(lists, values, strict=True):
-                    values_of_col.append(value)
-        return {name: np.asarray(v) if isinstance(v, array) else v for name, v in store.items()}
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise SourceError(f"{path}: cannot read the file ({exc})") from exc
-
-
-def _parse_row(where: str, cols: Sequence[_Col], index: Sequence[int], row: list[str]) -> list[Any]:
-    values = []
-    for col, i in zip(cols, index, strict=True):
-        try:
-            values.append(col.parse(row[i]))
-        except ValueError as exc:
-            raise SourceError(
-                f"{where}: column '{col.name}': {row[i]!r} is not {_EXPECTED[col.parse]}"
-            ) from exc
-    return values
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -177,13 +87,13 @@ def _read_camera(path: Path) -> CameraIntrinsics:
 def _read_gaze(path: Path) -> tuple[GazeArrays, NDArray[np.int64] | None]:
     """gaze.csv as arrays, and its fixation ids (-1: not in a fixation; None: no such column)."""
     cols = [
-        _Col(TIMESTAMP_COL, int, "q"),
-        _Col("gaze x [px]", _parse_finite, "d"),
-        _Col("gaze y [px]", _parse_finite, "d"),
-        _Col("worn", _parse_worn, "b"),
-        _Col("fixation id", _parse_fixation_id, "q", required=False),
+        Col(TIMESTAMP_COL, parse_timestamp, "q"),
+        Col("gaze x [px]", parse_finite, "d"),
+        Col("gaze y [px]", parse_finite, "d"),
+        Col("worn", parse_worn, "b"),
+        Col("fixation id", parse_fixation_id, "q", required=False),
     ]
-    table = _read_csv(path, cols, ordered_by=TIMESTAMP_COL)
+    table = read_csv(path, cols, ordered_by=TIMESTAMP_COL)
     if not table[TIMESTAMP_COL].size:
         raise SourceError(f"{path}: no gaze samples")
     x_px, y_px, worn = table["gaze x [px]"], table["gaze y [px]"], table["worn"].astype(np.bool_)
@@ -213,12 +123,12 @@ def _fixations_from_gaze(gaze: GazeArrays, ids: NDArray[np.int64] | None) -> lis
 
 def _read_fixations(path: Path) -> list[Fixation]:
     cols = [
-        _Col("start timestamp [ns]", int, "q"),
-        _Col("end timestamp [ns]", int, "q"),
-        _Col("fixation x [px]", _parse_finite, "d"),
-        _Col("fixation y [px]", _parse_finite, "d"),
+        Col("start timestamp [ns]", parse_timestamp, "q"),
+        Col("end timestamp [ns]", parse_timestamp, "q"),
+        Col("fixation x [px]", parse_finite, "d"),
+        Col("fixation y [px]", parse_finite, "d"),
     ]
-    table = _read_csv(path, cols)
+    table = read_csv(path, cols)
     rows = zip(*(table[c.name].tolist() for c in cols), strict=True)
     fixations = [Fixation(*row) for row in rows]
     for n, fixation in enumerate(fixations, start=1):
@@ -228,7 +138,7 @@ def _read_fixations(path: Path) -> list[Fixation]:
 
 
 def _read_events(path: Path) -> list[SourceEvent]:
-    table = _read_csv(path, [_Col(TIMESTAMP_COL, int, "q"), _Col("name", str, "")])
+    table = read_csv(path, [Col(TIMESTAMP_COL, parse_timestamp, "q"), Col("name", str, "")])
     rows = zip(table[TIMESTAMP_COL].tolist(), table["name"], strict=True)
     events = [SourceEvent(t_ns, name) for t_ns, name in rows]
     return sorted(events, key=lambda e: e.timestamp_ns)
@@ -256,6 +166,7 @@ class _Export:
     width_px: int
     height_px: int
     frame_ns: NDArray[np.int64]  # row i of world_timestamps.csv: frame i of the video
+    video_frames: int | None  # as the container says; None where it does not
     gaze: GazeArrays
     fixations: list[Fixation]
     events: list[SourceEvent]
@@ -268,13 +179,11 @@ def _load(folder: Path) -> tuple[_Export, CameraIntrinsics | None, dict[str, Any
     video = _find_video(folder)
     gaze, fixation_ids = _read_gaze(folder / "gaze.csv")
     world_csv = folder / "world_timestamps.csv"
-    frames = _read_csv(world_csv, [_Col(TIMESTAMP_COL, int, "q")], ordered_by=TIMESTAMP_COL)
+    frames = read_csv(
+        world_csv, [Col(TIMESTAMP_COL, parse_timestamp, "q")], ordered_by=TIMESTAMP_COL
+    )
     frame_ns = frames[TIMESTAMP_COL]
     width_px, height_px, video_frames = probe_video(video)
-    if video_frames is not None and video_frames != frame_ns.size:
-        raise SourceError(
-            f"{video}: {video_frames} frames but {world_csv.name} lists {frame_ns.size}"
-        )
     fixations_csv = folder / "fixations.csv"
     fixations = (
         _read_fixations(fixations_csv)
@@ -287,16 +196,17 @@ def _load(folder: Path) -> tuple[_Export, CameraIntrinsics | None, dict[str, Any
     camera = _read_camera(camera_json) if camera_json.exists() else None
     info_json = folder / "info.json"
     info = _read_json(info_json) if info_json.exists() else {}
-    for key in ("start_time", "duration"):
-        value = info.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise SourceError(f"{info_json}: '{key}' is {value!r}, expected integer nanoseconds")
-    export = _Export(video, width_px, height_px, frame_ns, gaze, fixations, events)
+    export = _Export(video, width_px, height_px, frame_ns, video_frames, gaze, fixations, events)
     return export, camera, info
 
 
 class CloudExportSource:
-    """A Pupil Cloud "Timeseries Data + Scene Video" export folder, replayed as a source."""
+    """A Pupil Cloud "Timeseries Data + Scene Video" export folder, replayed as a source.
+
+    A recording cut off mid-write (killed, power lost) lists frames its video no longer holds,
+    or holds frames it has no rows for: it replays up to its last good frame, with a warning
+    saying how much is lost, and nothing after that frame.
+    """
 
     def __init__(self, path: Path, settings: SourceSettings) -> None:
         self.uri = str(path)
@@ -304,6 +214,8 @@ class CloudExportSource:
         self._path = path
         self._settings = settings
         self._export: _Export | None = None
+        self._start_ns = 0
+        self._end_ns: int | None = None  # items from here on are left out (the video ended)
         self._frame_items: Generator[SceneFrame, None, None] | None = None
 
     async def open(self) -> SourceInfo:
@@ -313,10 +225,16 @@ class CloudExportSource:
         export, camera, info = await asyncio.to_thread(_load, self._path)
         gaze_ns, frame_ns = export.gaze.timestamp_ns, export.frame_ns
         ends_ns = np.concatenate((gaze_ns[:1], gaze_ns[-1:], frame_ns[:1], frame_ns[-1:]))
-        start_ns = info.get("start_time")
-        start_ns = int(ends_ns.min()) if start_ns is None else start_ns
-        duration_ns = info.get("duration")
-        duration_ns = int(ends_ns.max()) - start_ns if duration_ns is None else duration_ns
+        start_ns, duration_ns = recording_span(
+            info, str(self._path / "info.json"), int(ends_ns.min()), int(ends_ns.max())
+        )
+        self._start_ns = start_ns
+        videos = export.video_frames
+        if videos is not None and videos < frame_ns.size:
+            self._end_video(export, videos, "")
+            export = replace(export, frame_ns=frame_ns[:videos])
+        elif videos is not None and videos > frame_ns.size:
+            self._extra_frames(export)
         self._export = export
         return SourceInfo(
             uri=self.uri,
@@ -325,7 +243,7 @@ class CloudExportSource:
             frame_height_px=export.height_px,
             camera=camera,
             gaze_rate_hz=export.gaze.rate_hz(),
-            frame_count=int(frame_ns.size),
+            frame_count=int(export.frame_ns.size),
             start_ns=start_ns,
             duration_ns=duration_ns,
             has_fixations=bool(export.fixations),
@@ -340,7 +258,7 @@ class CloudExportSource:
         items = merge_by_time(
             export.gaze.samples(), self._frame_items, export.fixations, export.events
         )
-        return replay(items, self._settings.pace, self.stats)
+        return replay(self._until_video_ends(items), self._settings.pace, self.stats)
 
     async def close(self) -> None:
         """Stop the video decoder, if one is running. Safe to call twice."""
@@ -349,20 +267,56 @@ class CloudExportSource:
             self._frame_items.close()
             self._frame_items = None
 
+    def _until_video_ends(self, items: Iterator[SourceItem]) -> Iterator[SourceItem]:
+        for item in items:
+            if self._end_ns is not None and item_time_ns(item) >= self._end_ns:
+                return
+            yield item
+
+    def _end_video(self, export: _Export, frames: int, reason: str) -> None:
+        """The video holds only its first ``frames`` listed frames: warn, and end there."""
+        frame_ns, video = export.frame_ns, export.video
+        if frames == 0:
+            raise SourceError(f"{video}: no frame of the video decodes{reason}")
+        lost_s = (int(frame_ns[-1]) - int(frame_ns[frames - 1])) / 1e9
+        up_to_s = (int(frame_ns[frames - 1]) - self._start_ns) / 1e9
+        log.warning(
+            "%s: the last %d frames (%.2f s) do not decode%s; replaying up to %.2f s",
+            video,
+            frame_ns.size - frames,
+            lost_s,
+            reason,
+            up_to_s,
+        )
+        self._end_ns = int(frame_ns[frames])
+
+    def _extra_frames(self, export: _Export) -> None:
+        log.warning(
+            "%s: more frames than the %d that world_timestamps.csv lists; the rest have no "
+            "timestamps and are left out",
+            export.video,
+            export.frame_ns.size,
+        )
+
     def _frames(self, export: _Export) -> Generator[SceneFrame, None, None]:
-        """Frame i of the video with row i of world_timestamps.csv; the counts must match."""
-        video, frame_ns = export.video, export.frame_ns
-        decoder = decode_frames(video)
-        for index, t_ns in enumerate(frame_ns.tolist()):
-            frame = next(decoder, None)
+        """Frame i of the video with row i of world_timestamps.csv, up to the last good frame."""
+        decoder = decode_frames(export.video)
+        for index, t_ns in enumerate(export.frame_ns.tolist()):
+            try:
+                frame = next(decoder, None)
+                reason = ""
+            except SourceError as exc:  # damaged from here on: the frames before it replay
+                frame, reason = None, f" ({str(exc).removeprefix(f'{export.video}: ')})"
             if frame is None:
-                raise SourceError(
-                    f"{video}: {index} frames but world_timestamps.csv lists {frame_ns.size}"
-                )
+                self._end_video(export, index, reason)
+                return
             yield SceneFrame(
                 t_ns, index, export.width_px, export.height_px, decode=_lazy_bgr(frame)
             )
-        if next(decoder, None) is not None:
-            raise SourceError(
-                f"{video}: more frames than the {frame_ns.size} world_timestamps.csv lists"
-            )
+        if export.video_frames is None:  # else open() knew and said so
+            try:
+                more = next(decoder, None) is not None
+            except SourceError:  # a damaged frame beyond the listed ones is one more all the same
+                more = True
+            if more:
+                self._extra_frames(export)

@@ -47,20 +47,41 @@ SCENE_WIDTH_PX, SCENE_HEIGHT_PX = 1600, 1200  # the Neon scene camera
 GAZE_QUEUE_LEN = 400  # 2 s of gaze at Neon's highest rate, 200 Hz
 MAX_BACKOFF_S = 10.0
 
-_ADDRESS = re.compile(r"neon://(?P<host>[A-Za-z0-9.-]+)(?::(?P<port>\d{1,5}))?/?")
+_ADDRESS = re.compile(r"neon://(?P<host>[^:/]*)(?::(?P<port>[^/]*))?/?")
+# A DNS name or IPv4 address: dot-separated labels of letters, digits and inner hyphens.
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 _T = TypeVar("_T")
 
 
 def parse_neon_address(address: str) -> tuple[str, int] | None:
-    """``(host, port)`` of ``neon://HOST[:PORT]``, or None for ``neon://auto``."""
+    """``(host, port)`` of ``neon://HOST[:PORT]``, or None for ``neon://auto``.
+
+    Pure: nothing is looked up. Raises ConfigError naming what is wrong with the address.
+    """
     match = _ADDRESS.fullmatch(address)
-    port = int(match["port"] or DEFAULT_PORT) if match else 0
-    if match is None or not 0 < port < 65536:
-        raise ConfigError(f"{address}: not a Neon address (use neon://auto or neon://HOST[:PORT])")
-    if match["host"].lower() == "auto" and match["port"] is None:
+    problem = None
+    if match is None:
+        problem = "expected neon://auto or neon://HOST[:PORT]"
+    elif not match["host"]:
+        problem = "no host"
+    elif len(match["host"]) > 253 or not all(
+        _HOST_LABEL.fullmatch(label) for label in match["host"].split(".")
+    ):
+        problem = f"{match['host']!r} is not a host name or IPv4 address"
+    elif match["port"] is not None and not (
+        match["port"].isascii() and match["port"].isdigit() and 0 < int(match["port"]) < 65536
+    ):
+        problem = f"port {match['port']!r} is not a number from 1 to 65535"
+    elif match["host"].lower() == "auto" and match["port"] is not None:
+        problem = "neon://auto takes no port"
+    if problem is not None or match is None:
+        raise ConfigError(
+            f"{address}: not a Neon address ({problem}; use neon://auto or neon://HOST[:PORT])"
+        )
+    if match["host"].lower() == "auto":
         return None
-    return match["host"], port
+    return match["host"], int(match["port"] or DEFAULT_PORT)
 
 
 def _describe(exc: BaseException, timeout_s: float) -> str:

@@ -28,7 +28,7 @@ from gazecam.records import (
     SourceItem,
 )
 from gazecam.settings import SourceSettings
-from gazecam.sources.base import SourceStats, merge_by_time, replay
+from gazecam.sources.base import SourceStats, merge_by_time, recording_span, replay
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,11 @@ class NeonRecordingSource:
             ]
         )
 
+        ends_ns = np.concatenate((gaze_ts[:1], gaze_ts[-1:], frame_ts[:1], frame_ts[-1:]))
+        start_ns, duration_ns = recording_span(
+            info, str(path / "info.json"), int(ends_ns.min()), int(ends_ns.max())
+        )
+
         camera = None
         if rec.calibration is not None:
             camera = CameraIntrinsics.from_raw(
@@ -126,8 +131,8 @@ class NeonRecordingSource:
             camera=camera,
             gaze_rate_hz=self._gaze.rate_hz(),
             frame_count=int(frame_ts.size),
-            start_ns=int(info.get("start_time") or frame_ts[0]),
-            duration_ns=int(info.get("duration") or frame_ts[-1] - frame_ts[0]),
+            start_ns=start_ns,
+            duration_ns=duration_ns,
             has_fixations=bool(self._fixations),
         )
 

@@ -336,7 +336,7 @@ class SyntheticSource:
         self.stats = SourceStats()
         self._settings = settings
         name = address.removeprefix("synthetic:")
-        if name not in SCENES:
+        if name not in SCENES:  # check_address() refuses it first when opened by address
             raise ConfigError(f"{address}: unknown synthetic scene (known: {', '.join(SCENES)})")
         self.scene = SCENES[name](settings.synthetic_duration_s)
         self.track = self.scene.gaze_track()

@@ -423,6 +423,43 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], None], list[str]]] = {
         _set_cell("events.csv", 2, 1, "soon"),
         ["events.csv line 2", "column 'timestamp [ns]'"],
     ),
+    # Integers beyond int64 (stored as numpy int64), negative times and non-finite ids.
+    "gaze time beyond int64": (
+        _set_cell("gaze.csv", 4, 2, "99999999999999999999"),
+        ["gaze.csv line 4", "column 'timestamp [ns]': '99999999999999999999' is not a timestamp"],
+    ),
+    "negative gaze time": (
+        _set_cell("gaze.csv", 2, 2, "-5"),
+        ["gaze.csv line 2", "column 'timestamp [ns]': '-5' is not a timestamp"],
+    ),
+    "world time beyond int64": (
+        _set_cell("world_timestamps.csv", 9, 2, "9223372036854775808"),
+        ["world_timestamps.csv line 9", "column 'timestamp [ns]'", "is not a timestamp"],
+    ),
+    "event time beyond int64": (
+        _set_cell("events.csv", 3, 1, "1" * 30),
+        ["events.csv line 3", "column 'timestamp [ns]'", "is not a timestamp"],
+    ),
+    "fixation id beyond int64": (
+        _set_cell("gaze.csv", 12, 6, "1e30"),
+        ["gaze.csv line 12", "column 'fixation id': '1e30' is not an integer id"],
+    ),
+    "fixation id inf": (
+        _set_cell("gaze.csv", 12, 6, "inf"),
+        ["gaze.csv line 12", "column 'fixation id': 'inf' is not an integer id"],
+    ),
+    "fixation id nan": (
+        _set_cell("gaze.csv", 12, 6, "nan"),
+        ["gaze.csv line 12", "column 'fixation id': 'nan' is not an integer id"],
+    ),
+    "start_time beyond int64": (
+        _write("info.json", '{"start_time": 99999999999999999999}'),
+        ["info.json", "'start_time' is 99999999999999999999, expected integer nanoseconds"],
+    ),
+    "negative duration": (
+        _write("info.json", '{"duration": -1}'),
+        ["info.json", "'duration' is -1"],
+    ),
 }
 
 
@@ -439,41 +476,137 @@ async def test_bad_input_is_one_line_source_error(tmp_path: Path, case: str) -> 
         assert part in message
 
 
-async def test_bad_fixations_csv(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        (6, "left", r"line 3: column 'fixation x \[px\]': 'left' is not a finite number"),
+        (3, "99999999999999999999", r"line 3: column 'start timestamp \[ns\]': .* not a timestamp"),
+        (4, "-1", r"line 3: column 'end timestamp \[ns\]': '-1' is not a timestamp"),
+    ],
+)
+async def test_bad_fixations_csv(tmp_path: Path, column: int, value: str, message: str) -> None:
     export = write_export(tmp_path / "export", frames=4, fixations_csv=True)
-    _set_cell("fixations.csv", 3, 6, "left")(export.folder)
-    with pytest.raises(SourceError, match=r"fixations\.csv line 3: column 'fixation x \[px\]'"):
+    _set_cell("fixations.csv", 3, column, value)(export.folder)
+    with pytest.raises(SourceError, match=r"fixations\.csv " + message):
         await CloudExportSource(export.folder, fast()).open()
 
 
-async def test_video_shorter_than_timestamps_known_up_front(tmp_path: Path) -> None:
+async def test_video_shorter_than_timestamps_known_up_front(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     export = write_export(tmp_path / "export", frames=20, video_frames=15, plain_mp4=True)
-    with pytest.raises(SourceError) as caught:
-        await CloudExportSource(export.folder, fast()).open()
-    assert str(caught.value).endswith(
-        "Neon Scene Camera v1 ps1.mp4: 15 frames but world_timestamps.csv lists 20"
-    )
+    info, items, pixels = await read_all(CloudExportSource(export.folder, fast()))
+    assert caplog.messages == [
+        f"{export.folder / 'Neon Scene Camera v1 ps1.mp4'}: the last 5 frames (0.17 s) do not "
+        "decode; replaying up to 0.48 s"
+    ]
+    assert info.frame_count == 15
+    assert [f.timestamp_ns for f in of_type(items, SceneFrame)] == export.frame_ns[:15]
+    assert [frame_code(p) for p in pixels] == list(range(15))
+    # Nothing after the last good frame: gaze, fixations and events end with the video.
+    assert max(item_time_ns(i) for i in items) < export.frame_ns[15]
+    assert [g.timestamp_ns for g in of_type(items, GazeSample)] == [
+        t for t in export.gaze_ns if t < export.frame_ns[15]
+    ]
 
 
-async def test_video_longer_than_timestamps_known_up_front(tmp_path: Path) -> None:
+async def test_video_longer_than_timestamps_known_up_front(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     export = write_export(tmp_path / "export", frames=5, video_frames=8, plain_mp4=True)
-    with pytest.raises(SourceError, match=r"8 frames but world_timestamps\.csv lists 5"):
-        await CloudExportSource(export.folder, fast()).open()
+    info, items, pixels = await read_all(CloudExportSource(export.folder, fast()))
+    assert "more frames than the 5 that world_timestamps.csv lists" in caplog.text
+    assert info.frame_count == 5 and [frame_code(p) for p in pixels] == list(range(5))
+    assert [g.timestamp_ns for g in of_type(items, GazeSample)] == export.gaze_ns
 
 
-async def test_video_shorter_than_timestamps_found_while_decoding(tmp_path: Path) -> None:
+async def test_video_shorter_than_timestamps_found_while_decoding(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # A fragmented MP4 does not tell its frame count, so the shortfall shows only on decoding.
     export = write_export(tmp_path / "export", frames=20, video_frames=12)
     source = CloudExportSource(export.folder, fast())
-    assert (await source.open()).frame_count == 20
-    frames: list[SceneFrame] = []
-    with pytest.raises(SourceError, match=r"12 frames but world_timestamps\.csv lists 20"):
-        async for item in source.stream():
-            if isinstance(item, SceneFrame):
-                frames.append(item)
-                assert frame_code(item.bgr()) == item.index
-    await source.close()
-    assert [f.timestamp_ns for f in frames] == export.frame_ns[:12]
+    info, items, pixels = await read_all(source)
+    assert info.frame_count == 20
+    assert "ps1.mp4: the last 8 frames (0.27 s) do not decode; replaying up to 0.38 s" in (
+        caplog.text
+    )
+    assert [f.timestamp_ns for f in of_type(items, SceneFrame)] == export.frame_ns[:12]
+    assert [frame_code(p) for p in pixels] == list(range(12))
+    assert max(item_time_ns(i) for i in items) < export.frame_ns[12]
+
+
+async def test_video_cut_off_mid_write_replays_to_its_last_whole_frame(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A fragmented MP4 whose last fragment is cut off in the middle of its frame data, as a
+    # recording killed while writing it leaves it: its index promises more than there is.
+    export = write_export(tmp_path / "export", frames=20)
+    video = export.folder / "Neon Scene Camera v1 ps1.mp4"
+    with av.open(str(video)) as container:
+        offsets = [p.pos for p in container.demux(video=0) if p.size]
+    cut_at = sorted(offsets)[-4] + 10  # inside the 4th-last packet in file order
+    data = video.read_bytes()
+    video.write_bytes(data[:cut_at])
+    info, items, pixels = await read_all(CloudExportSource(export.folder, fast()))
+    frames = of_type(items, SceneFrame)
+    assert 10 <= len(frames) < 20 and info.frame_count == 20
+    assert [frame_code(p) for p in pixels] == list(range(len(frames)))
+    assert f"the last {20 - len(frames)} frames" in caplog.text
+    assert "the video is damaged from here on" in caplog.text
+
+
+async def test_cut_short_last_line_is_left_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A recording killed mid-write: each CSV's last line stops in the middle, with no line end.
+    export = write_export(tmp_path / "export", frames=10)
+    for name, keep in (("gaze.csv", 40), ("world_timestamps.csv", 30)):
+        path = export.folder / name
+        text = path.read_text()
+        path.write_text(text[: text.rstrip("\n").rindex("\n") + 1 + keep])
+    _, items, _ = await read_all(CloudExportSource(export.folder, fast()))
+    assert [g.timestamp_ns for g in of_type(items, GazeSample)] == export.gaze_ns[:-1]
+    assert [f.timestamp_ns for f in of_type(items, SceneFrame)] == export.frame_ns[:9]
+    assert "gaze.csv line" in caplog.text and "world_timestamps.csv line" in caplog.text
+    assert caplog.text.count("it is the last line and is cut short: left out") == 2
+
+
+async def test_bad_last_line_with_a_line_end_is_still_an_error(tmp_path: Path) -> None:
+    export = write_export(tmp_path / "export", frames=10)
+    path = export.folder / "gaze.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]) + lines[-1][:40] + "\n")
+    with pytest.raises(SourceError, match=rf"gaze\.csv line {len(lines)}: 4 fields"):
+        await CloudExportSource(export.folder, fast()).open()
+
+
+@pytest.mark.parametrize(
+    ("start_ns", "says"),
+    [(START_NS - 3 * 3600 * 10**9, "10800.0 s before"), (START_NS + 10**15, "1000000.0 s after")],
+)
+async def test_start_time_far_from_the_data_is_replaced(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, start_ns: int, says: str
+) -> None:
+    export = write_export(tmp_path / "export", frames=5)
+    info_json = export.folder / "info.json"
+    info_json.write_text(json.dumps({"start_time": start_ns, "duration": 700_000_000}))
+    info = await CloudExportSource(export.folder, fast()).open()
+    assert info.start_ns == START_NS  # the first gaze sample
+    assert info.duration_ns == max(export.gaze_ns[-1], export.frame_ns[-1]) - START_NS
+    assert caplog.messages == [
+        f"{info_json}: 'start_time' is {says} the first data timestamp; using the first data "
+        "timestamp as the start"
+    ]
+
+
+async def test_start_time_near_the_data_is_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    export = write_export(tmp_path / "export", frames=5)
+    (export.folder / "info.json").write_text(json.dumps({"start_time": START_NS - 2 * 10**9}))
+    info = await CloudExportSource(export.folder, fast()).open()
+    assert info.start_ns == START_NS - 2 * 10**9 and not caplog.messages
 
 
 async def test_close_mid_stream_and_twice(tmp_path: Path) -> None:

@@ -157,6 +157,8 @@ async def pull(stream: AsyncGenerator[SourceItem, None], n: int) -> list[SourceI
         ("neon://192.168.1.20", ("192.168.1.20", 8080)),
         ("neon://neon.local:8081", ("neon.local", 8081)),
         ("neon://127.0.0.1:8080/", ("127.0.0.1", 8080)),
+        ("neon://AUTO", None),
+        ("neon://neon-1.local:65535", ("neon-1.local", 65535)),
     ],
 )
 def test_parse_address(address: str, expected: tuple[str, int] | None) -> None:
@@ -164,7 +166,11 @@ def test_parse_address(address: str, expected: tuple[str, int] | None) -> None:
 
 
 @pytest.mark.parametrize(
-    "address", ["neon://", "neon://host:port", "neon://host:70000", "neon://a b", "neon://h/x"]
+    "address",
+    [
+        *("neon://", "neon://host:port", "neon://host:70000", "neon://a b", "neon://h/x"),
+        *("neon://:8080", "neon://host:0", "neon://auto:8080", "neon://-host", "neon://a..b"),
+    ],
 )
 def test_bad_address_is_config_error(address: str) -> None:
     with pytest.raises(ConfigError, match="not a Neon address") as err:

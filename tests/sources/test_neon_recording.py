@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -128,3 +129,43 @@ async def test_realtime_pacing_takes_recording_time(neon_demo: Path) -> None:
     elapsed_s = time.monotonic() - t0
     await source.close()
     assert elapsed_s >= 0.29  # released no faster than recorded
+
+
+@pytest.fixture
+def editable(tmp_path: Path, neon_demo: Path) -> Path:
+    """A copy of the neon-demo recording, with its rendered scene video, to edit."""
+    recording = copy_recording(tmp_path / "rec")
+    shutil.copyfile(neon_demo / SCENE_VIDEO, recording / SCENE_VIDEO)
+    return recording
+
+
+def set_info(recording: Path, **fields: object) -> None:
+    path = recording / "info.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+@pytest.mark.parametrize("value", ["yesterday", 99999999999999999999, 1.5e18, -1, True])
+async def test_bad_start_time_is_named(editable: Path, value: object) -> None:
+    set_info(editable, start_time=value)
+    with pytest.raises(SourceError) as caught:
+        await open_source(str(editable)).open()
+    assert str(caught.value) == (
+        f"{editable / 'info.json'}: 'start_time' is {value!r}, expected integer nanoseconds "
+        "from 0 to 9223372036854775807"
+    )
+
+
+async def test_start_time_hours_from_the_data_is_replaced(
+    editable: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A phone clock three hours off: ``ask --at`` would count from the wrong moment.
+    wrong_start_ns = 1760676788219000000 + 3 * 3600 * 10**9
+    set_info(editable, start_time=wrong_start_ns)
+    info = await open_source(str(editable)).open()
+    first_frame_ns = int(np.fromfile(editable / SCENE_TIME, "<i8")[0])
+    first_ns = min(1760676790465965534, first_frame_ns)  # the first gaze sample or frame
+    assert info.start_ns == first_ns
+    assert caplog.messages == [
+        f"{editable / 'info.json'}: 'start_time' is {(wrong_start_ns - first_ns) / 1e9:.1f} s "
+        "after the first data timestamp; using the first data timestamp as the start"
+    ]
