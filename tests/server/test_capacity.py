@@ -1,0 +1,115 @@
+"""The service under load on uvicorn (127.0.0.1): the queue in front of the generation thread
+refuses what it cannot start soon with ``busy`` and a queue position, no ask goes unanswered,
+the queue shows in /metrics, and loopback clients do not share one rate-limit bucket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import websockets
+from fastapi import FastAPI
+from starlette.datastructures import Address
+
+from gazecam.server.errors import ClientError
+from gazecam.server.protocol import RateLimiter
+from tests.server.conftest import uvicorn_server, wait_for
+
+CLIENTS = 10
+ASKS = 3  # per client; the rate limit is 3 a minute per client, so none is rate_limited
+QUEUE_MAX = 2
+REPLY_TIMEOUT_S = 60.0  # a reply that takes longer counts as a silent, lost ask
+QUEUE_REASONS = re.compile(
+    r"^\d+ asks ahead of yours in the answer queue: (at most 2 asks wait|about [\d.]+ s to "
+    r"wait, over 0.5 s|not started within 0.5 s); ask again later$"
+)
+
+
+def get(url: str) -> str:
+    with urllib.request.urlopen(url) as response:
+        return str(response.read().decode())
+
+
+@pytest.fixture(scope="module")
+def server(make_app: Callable[..., FastAPI]) -> Iterator[str]:
+    app = make_app(ask_queue_wait_s=0.5, ask_queue_max=QUEUE_MAX, asks_per_minute=ASKS)
+    with uvicorn_server(app) as address:
+        wait_for(
+            lambda: json.loads(get(f"http://{address}/v1/status"))["frames"]["keyframes_perceived"],
+            what="the first perceived keyframe",
+        )
+        yield address
+
+
+async def reply(socket: Any, request_id: str) -> dict[str, Any]:
+    """The final frame of one ask (its answer or error), every frame checked for its id."""
+    while True:
+        frame = json.loads(await asyncio.wait_for(socket.recv(), REPLY_TIMEOUT_S))
+        assert frame["id"] == request_id, frame
+        if frame["type"] != "token":
+            return frame
+
+
+async def client(address: str, n: int, go: asyncio.Event) -> list[dict[str, Any]]:
+    """Connect, wait for every client to be connected, then ask ASKS times in a row."""
+    async with websockets.connect(f"ws://{address}/v1/ask") as socket:
+        await go.wait()
+        finals = []
+        for k in range(ASKS):
+            request_id = f"c{n}-{k}"
+            await socket.send(
+                json.dumps({"type": "ask", "id": request_id, "question": "What step am I on?"})
+            )
+            finals.append(await reply(socket, request_id))
+        return finals
+
+
+async def test_every_ask_is_answered_or_refused_busy_with_its_queue_position(server: str) -> None:
+    go = asyncio.Event()
+    clients = [asyncio.create_task(client(server, n, go)) for n in range(CLIENTS)]
+    await asyncio.sleep(0.5)  # all connected: their first asks then come at once
+    go.set()
+    finals = [frame for frames in await asyncio.gather(*clients) for frame in frames]
+
+    assert len(finals) == CLIENTS * ASKS  # every ask got its final frame: none lost or silent
+    answers = [f for f in finals if f["type"] == "answer"]
+    busy = [f for f in finals if f["type"] == "error"]
+    assert len(answers) + len(busy) == len(finals)
+    for frame in busy:
+        assert frame["code"] == "busy", frame  # in particular, never rate_limited
+        assert isinstance(frame["queue_position"], int) and frame["queue_position"] >= 1
+        assert QUEUE_REASONS.match(frame["message"]), frame["message"]
+    # Ten asks at once: one starts, QUEUE_MAX wait, the rest are refused at once.
+    assert len(busy) >= CLIENTS - 1 - QUEUE_MAX
+    assert answers and all(a["text"].startswith("You are on step") for a in answers)
+
+    metrics = await asyncio.to_thread(get, f"http://{server}/metrics")
+    assert "gazecam_ask_queue_length 0.0" in metrics  # all done: nobody waits
+    assert f"gazecam_ask_queue_wait_seconds_count {len(answers)}.0" in metrics
+    assert f'gazecam_asks_total{{outcome="answered"}} {len(answers)}.0' in metrics
+    assert f'gazecam_asks_total{{outcome="busy"}} {len(busy)}.0' in metrics
+    assert "rate_limited" not in metrics
+
+    # The queue is free again: a lone ask starts at once.
+    async with websockets.connect(f"ws://{server}/v1/ask") as socket:
+        await socket.send(json.dumps({"type": "ask", "id": "after", "question": "What step?"}))
+        assert (await reply(socket, "after"))["type"] == "answer"
+
+
+def test_loopback_connections_are_clients_of_their_own_other_addresses_share_one() -> None:
+    local = {RateLimiter.client_key(Address(host, port)) for host in ("127.0.0.1", "::1")
+             for port in (50001, 50002)}  # fmt: skip
+    assert len(local) == 4
+    remote = {RateLimiter.client_key(Address("192.0.2.7", port)) for port in (50001, 50002)}
+    assert remote == {"192.0.2.7"}
+    limiter = RateLimiter(per_minute=1)
+    limiter.take(RateLimiter.client_key(Address("127.0.0.1", 50001)))
+    limiter.take(RateLimiter.client_key(Address("127.0.0.1", 50002)))
+    limiter.take(RateLimiter.client_key(Address("192.0.2.7", 50001)))
+    with pytest.raises(ClientError, match="at most 1 asks a minute"):
+        limiter.take(RateLimiter.client_key(Address("192.0.2.7", 50002)))
