@@ -14,11 +14,21 @@ recent answers' times), that finds ``ask_queue_max`` asks waiting already, or th
 client waits silently. While the source is down, an ask is told so instead of being answered
 from what was seen before the outage.
 
+Memory: every decoding step gathers the attended KV entries into new arrays of megabytes, and
+ONNX Runtime returns the new keys and values in as many. glibc's malloc raises its mmap
+threshold to the largest block freed (up to 32 MiB), so after the first few steps these blocks
+come from the heap, where their holes are kept: a soak of the service grew by ~5 MB/min. With
+a fixed threshold of 1 MiB they are mmapped and given back when freed, and the service's RSS
+levels off (benchmarks/bench_soak.py; ``MALLOC_MMAP_THRESHOLD_`` set in the environment wins).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import logging
+import os
+import platform
 import statistics
 import threading
 import time
@@ -42,7 +52,11 @@ from gazecam.sources.looped import LoopedSource
 from gazecam.steps import StepEstimate
 from gazecam.tasks import TaskCard
 
+logger = logging.getLogger("gazecam.server")
+
 _JPEG_QUALITY = 85
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+_MMAP_THRESHOLD_BYTES = 1 << 20
 _END = object()  # the generation thread's last item
 _RECENT_ANSWERS = 16  # the answer times the queue's wait estimate is taken from
 
@@ -59,6 +73,15 @@ class QueueFullError(ClientError):
     def frame(self, request_id: str | None = None) -> dict[str, Any]:
         """The busy error object, with ``queue_position``: the asks that were ahead of it."""
         return {**super().frame(request_id), "queue_position": self.position}
+
+
+def return_large_blocks_to_the_os() -> None:
+    """Fix glibc's mmap threshold at 1 MiB, so large freed arrays go back to the OS (see the
+    module docstring); nothing elsewhere, or where the environment sets it already."""
+    if platform.libc_ver()[0] != "glibc" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    if not ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES):
+        logger.warning("mallopt(M_MMAP_THRESHOLD) failed: the service's memory may grow")
 
 
 def source_factory(address: str, settings: SourceSettings) -> Callable[[], Source]:
@@ -85,6 +108,7 @@ class Runtime:
         capture: CaptureSettings,
         assistant: AssistantSettings,
     ) -> None:
+        return_large_blocks_to_the_os()
         self.server = server
         self.engines = engines
         self.assistant = Assistant(card, engines.perception, engines.model, assistant)

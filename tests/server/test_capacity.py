@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import platform
 import re
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -14,11 +18,13 @@ from typing import Any
 import pytest
 import websockets
 from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from starlette.datastructures import Address
 
 from gazecam.server.errors import ClientError
 from gazecam.server.protocol import RateLimiter
-from tests.server.conftest import uvicorn_server, wait_for
+from gazecam.server.runtime import Runtime
+from tests.server.conftest import LOCAL, WS, first_crop, uvicorn_server, wait_for
 
 CLIENTS = 10
 ASKS = 3  # per client; the rate limit is 3 a minute per client, so none is rate_limited
@@ -101,6 +107,51 @@ async def test_every_ask_is_answered_or_refused_busy_with_its_queue_position(ser
         assert (await reply(socket, "after"))["type"] == "answer"
 
 
+def test_the_queue_refuses_past_its_length_and_after_its_wait_with_the_position(
+    make_app: Callable[..., FastAPI],
+) -> None:
+    app = make_app(ask_queue_wait_s=0.5, ask_queue_max=1)
+    with TestClient(app, base_url=LOCAL) as client:
+        first_crop(client)
+        runtime: Runtime = app.state.runtime
+        assert client.portal is not None  # set while the client runs the app
+        lock = runtime._generation_lock  # held, as by a long answer under way
+        client.portal.call(lock.acquire)
+        with (
+            client.websocket_connect(f"{WS}/v1/ask") as waits,
+            client.websocket_connect(f"{WS}/v1/ask") as refused,
+        ):
+            waits.send_json({"type": "ask", "id": "w", "question": "What step am I on?"})
+            wait_for(lambda: runtime.asks_waiting == 1, what="the first ask to queue")
+            assert "gazecam_ask_queue_length 1.0" in client.get("/metrics").text
+            refused.send_json({"type": "ask", "id": "r", "question": "What step am I on?"})
+            assert refused.receive_json() == {
+                "type": "error",
+                "id": "r",
+                "code": "busy",
+                "queue_position": 2,
+                "message": "2 asks ahead of yours in the answer queue: at most 1 asks wait; "
+                "ask again later",
+            }
+            assert waits.receive_json() == {
+                "type": "error",
+                "id": "w",
+                "code": "busy",
+                "queue_position": 1,
+                "message": "1 asks ahead of yours in the answer queue: not started within "
+                "0.5 s; ask again later",
+            }
+            client.portal.call(lock.release)
+            waits.send_json({"type": "ask", "id": "again", "question": "What step am I on?"})
+            while (frame := waits.receive_json())["type"] == "token":
+                pass
+            assert frame["type"] == "answer" and frame["id"] == "again"
+        metrics = client.get("/metrics").text
+        assert "gazecam_ask_queue_length 0.0" in metrics
+        assert "gazecam_ask_queue_wait_seconds_count 1.0" in metrics
+        assert 'gazecam_asks_total{outcome="busy"} 2.0' in metrics
+
+
 def test_loopback_connections_are_clients_of_their_own_other_addresses_share_one() -> None:
     local = {RateLimiter.client_key(Address(host, port)) for host in ("127.0.0.1", "::1")
              for port in (50001, 50002)}  # fmt: skip
@@ -113,3 +164,29 @@ def test_loopback_connections_are_clients_of_their_own_other_addresses_share_one
     limiter.take(RateLimiter.client_key(Address("192.0.2.7", 50001)))
     with pytest.raises(ClientError, match="at most 1 asks a minute"):
         limiter.take(RateLimiter.client_key(Address("192.0.2.7", 50002)))
+
+
+# Run in a process of its own: in a heap with large free holes already (as the suite's, after
+# loading models), malloc serves large blocks from those before it would mmap anything.
+_LARGE_BLOCKS = """
+import os, numpy as np
+from gazecam.server.runtime import return_large_blocks_to_the_os
+return_large_blocks_to_the_os()
+# Freeing a large mmapped block raises glibc's own (dynamic) threshold to its size, after
+# which blocks up to it come from the heap, whose holes it keeps (the soak's growth).
+freed = np.ones(16 << 20, np.uint8)
+del freed
+blocks = [np.ones(4 << 20, np.uint8) for _ in range(4)]
+# An mmapped block starts a page, after glibc's 16-byte chunk header; a block from the heap
+# is 16-byte aligned only.
+print([(b.ctypes.data - 16) % os.sysconf("SC_PAGE_SIZE") for b in blocks])
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_large_arrays_are_mmapped_so_their_memory_goes_back_to_the_os() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    run = subprocess.run(
+        [sys.executable, "-c", _LARGE_BLOCKS], env=env, capture_output=True, text=True, check=True
+    )
+    assert run.stdout.split() == ["[0,", "0,", "0,", "0]"]

@@ -48,11 +48,13 @@ def test_unreachable_glasses_are_said_to_be_not_connected(
 def test_a_source_that_went_down_is_not_answered_from_stale_memory(
     make_app: Callable[..., FastAPI],
 ) -> None:
-    with TestClient(make_app(), base_url=LOCAL) as client:
+    app = make_app()
+    with TestClient(app, base_url=LOCAL) as client:
         first_crop(client)
         assert ask_once(client, "up")["type"] == "answer"
-        runtime: Runtime = client.app.state.runtime  # type: ignore[attr-defined]
-        client.portal.call(runtime.pipeline.stop)  # type: ignore[union-attr]
+        runtime: Runtime = app.state.runtime
+        assert client.portal is not None  # set while the client runs the app
+        client.portal.call(runtime.pipeline.stop)
         status = client.get("/v1/status").json()
         assert status["source"]["state"] == "stopped"
         assert status["model"]["regions_in_memory"] > 0  # what it could have answered from
