@@ -71,6 +71,7 @@ def create_app(
         )
         runtime.start()
         app.state.runtime = runtime
+        app.state.metrics.watch_queue(lambda: runtime.asks_waiting)
         logger.info("serving %s with task card %r", settings.source, card.name)
         try:
             yield

@@ -7,7 +7,7 @@ one place only; the rest are ordinary prometheus-client metrics.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -18,6 +18,8 @@ from gazecam.server.pipeline import PipelineStats
 # Time to first token spans a lead sentence from the tracker (milliseconds) to an answer
 # that waited behind other clients' answers (seconds).
 _TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# The wait in the queue is none for a lone client, and at most GAZECAM_ASK_QUEUE_WAIT_S.
+_QUEUE_WAIT_BUCKETS_S = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class _PipelineCollector(Collector):
@@ -70,6 +72,18 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.ask_queue_length = Gauge(
+            "gazecam_ask_queue_length",
+            "Asks waiting for the generation thread, not counting the answer under way.",
+            registry=self.registry,
+        )
+        self.ask_queue_wait = Histogram(
+            "gazecam_ask_queue_wait_seconds",
+            "From an ask taken to the start of its answer, for the asks that started (the "
+            'others are counted as gazecam_asks_total{outcome="busy"}).',
+            buckets=_QUEUE_WAIT_BUCKETS_S,
+            registry=self.registry,
+        )
         self.clients_connected = Gauge(
             "gazecam_clients_connected", "Websocket clients connected.", registry=self.registry
         )
@@ -78,6 +92,11 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+    def watch_queue(self, waiting: Callable[[], int]) -> None:
+        """Read the queue length from ``waiting`` when scraped (the runtime that owns the queue
+        exists only once the app's lifespan has started, after the metrics)."""
+        self.ask_queue_length.set_function(waiting)
 
     def client_connected(self) -> None:
         """Count a websocket client in."""

@@ -98,6 +98,7 @@ class Pipeline:
         self.info: SourceInfo | None = None
         self.last_error: str | None = None
         self.latest: MatchedFrame | None = None
+        self.latest_at_s: float | None = None  # time.monotonic() when the latest frame came
         self.latest_crop: Crop | None = None
         self._slot = KeyframeSlot()
         self._perception = ThreadPoolExecutor(1, thread_name_prefix="gazecam-perception")
@@ -165,7 +166,7 @@ class Pipeline:
 
     def _frame(self, result: CaptureResult) -> None:
         self.stats.frames_processed += 1
-        self.latest = result.matched
+        self.latest, self.latest_at_s = result.matched, time.monotonic()
         if result.crop is not None:
             self.stats.keyframes += 1
             self.latest_crop = result.crop

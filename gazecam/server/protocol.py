@@ -9,8 +9,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import from_json
+from starlette.datastructures import Address
 
 from gazecam.server.errors import ClientError
+from gazecam.server.settings import is_loopback
 
 _MINUTE_S = 60.0
 _MAX_TRACKED_CLIENTS = 1024  # beyond this, clients idle for a minute are forgotten
@@ -79,11 +81,29 @@ def parse_ask(message: dict[str, Any]) -> AskMessage:
 
 
 class RateLimiter:
-    """At most ``per_minute`` asks per client in any 60 s window (a sliding log)."""
+    """At most ``per_minute`` asks per client in any 60 s window (a sliding log).
+
+    A client is its connection when it comes from loopback, else its address (see
+    ``client_key``).
+    """
 
     def __init__(self, per_minute: int) -> None:
         self.per_minute = per_minute
         self._asks: dict[str, deque[float]] = {}
+
+    @staticmethod
+    def client_key(client: Address | None) -> str:
+        """The bucket a connection's asks count against.
+
+        Loopback connections are apps on this machine (or a local proxy that did not say whom
+        it forwards: uvicorn takes the address from X-Forwarded-For when it does), which share
+        one address: each connection is a client of its own, so one local app cannot use up
+        another's asks. From any other address, all its connections share one bucket, so a
+        remote client gains nothing by opening more sockets.
+        """
+        if client is None:
+            return "unknown"
+        return f"{client.host}:{client.port}" if is_loopback(client.host) else client.host
 
     def take(self, client: str) -> None:
         """Count an ask by ``client``, or raise a rate_limited ClientError."""

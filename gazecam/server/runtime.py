@@ -6,13 +6,33 @@ to a keyframe update running at the same time. Answers are generated in one gene
 thread, one at a time across all clients (the CPU can run one at a time): an asyncio lock
 queues asks fairly, and each answer's pieces reach the event loop as they come. Reading the
 current step needs no lock (the tracker replaces its belief in one assignment).
+
+The queue in front of the generation thread is bounded in length and in wait: an ask that
+would wait longer than ``ask_queue_wait_s`` (the asks ahead of it times the median of the
+recent answers' times), that finds ``ask_queue_max`` asks waiting already, or that has waited
+``ask_queue_wait_s`` without starting, is refused as ``busy`` with its queue position, so no
+client waits silently. While the source is down, an ask is told so instead of being answered
+from what was seen before the outage.
+
+Memory: every decoding step gathers the attended KV entries into new arrays of megabytes, and
+ONNX Runtime returns the new keys and values in as many. glibc's malloc raises its mmap
+threshold to the largest block freed (up to 32 MiB), so after the first few steps these blocks
+come from the heap, where their holes are kept: a soak of the service grew by ~5 MB/min. With
+a fixed threshold of 1 MiB they are mmapped and given back when freed, and the service's RSS
+levels off (benchmarks/bench_soak.py; ``MALLOC_MMAP_THRESHOLD_`` set in the environment wins).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import logging
+import os
+import platform
+import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -32,8 +52,36 @@ from gazecam.sources.looped import LoopedSource
 from gazecam.steps import StepEstimate
 from gazecam.tasks import TaskCard
 
+logger = logging.getLogger("gazecam.server")
+
 _JPEG_QUALITY = 85
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+_MMAP_THRESHOLD_BYTES = 1 << 20
 _END = object()  # the generation thread's last item
+_RECENT_ANSWERS = 16  # the answer times the queue's wait estimate is taken from
+
+
+class QueueFullError(ClientError):
+    """An ask that cannot start within the queue's wait: ``busy``, with its place in line."""
+
+    def __init__(self, position: int, reason: str) -> None:
+        super().__init__(
+            "busy", f"{position} asks ahead of yours in the answer queue: {reason}; ask again later"
+        )
+        self.position = position
+
+    def frame(self, request_id: str | None = None) -> dict[str, Any]:
+        """The busy error object, with ``queue_position``: the asks that were ahead of it."""
+        return {**super().frame(request_id), "queue_position": self.position}
+
+
+def return_large_blocks_to_the_os() -> None:
+    """Fix glibc's mmap threshold at 1 MiB, so large freed arrays go back to the OS (see the
+    module docstring); nothing elsewhere, or where the environment sets it already."""
+    if platform.libc_ver()[0] != "glibc" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    if not ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES):
+        logger.warning("mallopt(M_MMAP_THRESHOLD) failed: the service's memory may grow")
 
 
 def source_factory(address: str, settings: SourceSettings) -> Callable[[], Source]:
@@ -63,6 +111,7 @@ class Runtime:
         capture: CaptureSettings,
         assistant: AssistantSettings,
     ) -> None:
+        return_large_blocks_to_the_os()
         self.server = server
         self.engines = engines
         self.assistant = Assistant(card, engines.perception, engines.model, assistant)
@@ -79,6 +128,8 @@ class Runtime:
         )
         self.started = time.monotonic()
         self._jpeg: tuple[Crop, bytes] | None = None
+        self._waiting: list[object] = []  # asks waiting for the generation lock, in order
+        self._answer_s: deque[float] = deque(maxlen=_RECENT_ANSWERS)  # generation lock held
 
     def start(self) -> None:
         """Start capture and perception in the background."""
@@ -134,12 +185,62 @@ class Runtime:
             new.latest_regions, new.perception_ms = old.latest_regions, old.perception_ms
             self.assistant = new
 
-    async def ask(self, question: str) -> AsyncGenerator[str | Answer, None]:
+    @property
+    def asks_waiting(self) -> int:
+        """Asks waiting for the generation thread (not counting the answer under way)."""
+        return len(self._waiting)
+
+    def _source_down(self) -> str | None:
+        """Why answers cannot rest on the scene now (the source is down), or None."""
+        pipeline, now = self.pipeline, time.monotonic()
+        age_s = now - (pipeline.latest_at_s or self.started)
+        if pipeline.state == "running" and age_s <= self.server.source_stale_s:
+            return None
+        what = (
+            "the glasses are not connected"
+            if self.server.source.startswith("neon://")
+            else "the source is not running"
+        )
+        since = "no frame yet" if pipeline.latest_at_s is None else "no frame"
+        error = f"; last error: {pipeline.last_error}" if pipeline.last_error else ""
+        return (
+            f"{what} ({self.server.source}: {pipeline.state}, {since} for {age_s:.0f} s{error}); "
+            "ask again once it is back"
+        )
+
+    async def _wait_turn(self) -> None:
+        """Take the generation lock, or raise QueueFullError (see the module docstring)."""
+        wait_s, lock = self.server.ask_queue_wait_s, self._generation_lock
+        ahead = len(self._waiting) + lock.locked()
+        if len(self._waiting) >= self.server.ask_queue_max:
+            raise QueueFullError(ahead, f"at most {self.server.ask_queue_max} asks wait")
+        if ahead and self._answer_s:
+            estimate_s = ahead * statistics.median(self._answer_s)
+            if estimate_s > wait_s:
+                raise QueueFullError(ahead, f"about {estimate_s:.1f} s to wait, over {wait_s:g} s")
+        me = object()
+        self._waiting.append(me)
+        try:
+            await asyncio.wait_for(lock.acquire(), wait_s)
+        except asyncio.TimeoutError:  # TimeoutError itself only from Python 3.11 on
+            ahead = self._waiting.index(me) + lock.locked()
+            raise QueueFullError(ahead, f"not started within {wait_s:g} s") from None
+        finally:
+            self._waiting.remove(me)
+
+    async def ask(
+        self, question: str, started: Callable[[float], object] | None = None
+    ) -> AsyncGenerator[str | Answer, None]:
         """The answer's pieces as the generation thread makes them, then the Answer.
 
-        Waits its turn behind other clients' answers. Closing the iterator early (the client
-        left) stops the generation at its next token.
+        Waits its turn behind other clients' answers, or raises QueueFullError; ``started`` is told
+        the seconds waited when the answer starts. Refused as ``not_ready`` while the source is
+        down. Closing the iterator early (the client left) stops the generation at its next
+        token.
         """
+        down = self._source_down()
+        if down is not None:
+            raise ClientError("not_ready", down)
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[object] = asyncio.Queue()  # at most answer_max_tokens + 2 items
         stop = threading.Event()
@@ -159,7 +260,12 @@ class Runtime:
             else:
                 put(_END)
 
-        async with self._generation_lock:
+        queued = time.monotonic()
+        await self._wait_turn()
+        began = time.monotonic()
+        try:
+            if started is not None:
+                started(began - queued)
             done = loop.run_in_executor(self._generation, generate, self.assistant)
             try:
                 while (item := await pieces.get()) is not _END:
@@ -171,6 +277,9 @@ class Runtime:
                 stop.set()
                 # The next answer must not start while this thread still runs.
                 await asyncio.shield(done)
+        finally:
+            self._answer_s.append(time.monotonic() - began)
+            self._generation_lock.release()
 
     def step(self) -> StepEstimate:
         """The step the tracker thinks is under way."""

@@ -86,7 +86,8 @@ class ServerSettings(BaseSettings):
     asks_per_minute: int = Field(
         30,
         ge=1,
-        description="Asks taken per client address in any 60 s; more get a rate_limited error.",
+        description="Asks taken per client in any 60 s (per connection from loopback, per address "
+        "otherwise); more get a rate_limited error.",
     )
     live_rate_hz: float = Field(
         10.0, gt=0, le=10, description="At most this many state messages per second on /v1/live."
@@ -96,6 +97,26 @@ class ServerSettings(BaseSettings):
     )
     restart_backoff_max_s: float = Field(
         10.0, gt=0, description="The wait before restarting a source grows up to this."
+    )
+    ask_queue_wait_s: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="An ask that would wait longer than this for the generation thread (the "
+        "asks ahead times the recent answer time), or has waited this long, gets a busy error "
+        "with its queue position instead of waiting on.",
+    )
+    ask_queue_max: int = Field(
+        16,
+        ge=1,
+        description="At most this many asks wait for the generation thread besides the answer "
+        "under way; one more gets a busy error with its queue position at once.",
+    )
+    source_stale_s: float = Field(
+        10.0,
+        gt=0,
+        description="With no scene frame for this long (or the source not running), an ask is "
+        "told that the glasses are not connected instead of answered from what was seen before.",
     )
 
     @field_validator("source")

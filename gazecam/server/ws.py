@@ -2,7 +2,8 @@
 
 On ``/v1/ask`` a socket reads on while its answer streams, so a message that comes meanwhile
 is answered at once: with an error, or ``busy`` for a second ask (each socket has at most one
-ask under way; across sockets, asks wait their turn for the generation thread).
+ask under way; across sockets, asks wait their turn for the generation thread, within the
+queue's bounds: beyond them an ask gets ``busy`` with its queue position, see runtime.py).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class AskSession:
         self._settings = settings
         self._metrics = metrics
         self._limiter = limiter
-        self._client = websocket.client.host if websocket.client is not None else "unknown"
+        self._client = RateLimiter.client_key(websocket.client)
         self._send_lock = asyncio.Lock()  # replies of an answer and of errors never interleave
         # The ask whose answer (or error) is not out yet: the socket is busy until it is. Its
         # task may still be finishing after that, so tasks are kept apart.
@@ -98,7 +99,8 @@ class AskSession:
         outcome = "answered"
         first = True
         try:
-            async with contextlib.aclosing(self._runtime.ask(ask.question)) as pieces:
+            answer = self._runtime.ask(ask.question, self._metrics.ask_queue_wait.observe)
+            async with contextlib.aclosing(answer) as pieces:
                 async for piece in pieces:
                     if isinstance(piece, Answer):
                         self._open_ask = None  # a client may ask again as soon as it has this

@@ -44,7 +44,9 @@ def get(url: str) -> str:
 
 @pytest.fixture(scope="module")
 def server(make_app: Callable[..., FastAPI]) -> Iterator[str]:
-    with uvicorn_server(make_app(body_timeout_s=BODY_TIMEOUT_S)) as address:
+    # Every ask here must be answered, however slow the machine: the queue's bounds are
+    # tested in test_capacity.py.
+    with uvicorn_server(make_app(body_timeout_s=BODY_TIMEOUT_S, ask_queue_wait_s=600)) as address:
         wait_for(
             lambda: json.loads(get(f"http://{address}/v1/status"))["frames"]["keyframes_perceived"],
             what="the first perceived keyframe",
