@@ -71,10 +71,11 @@ def wait_for(condition: Callable[[], Any], timeout_s: float = 15.0, what: str = 
 
 
 def first_crop(client: TestClient, **kwargs: Any) -> None:
-    """Wait until the service has cut its first keyframe crop."""
+    """Wait until the service has cut its first keyframe crop and perception has read it (an
+    answer carries the crop of the latest perceived keyframe)."""
     wait_for(
-        lambda: client.get("/v1/status", **kwargs).json()["frames"]["keyframes"] > 0,
-        what="the first keyframe",
+        lambda: client.get("/v1/status", **kwargs).json()["frames"]["keyframes_perceived"] > 0,
+        what="the first perceived keyframe",
     )
 
 
