@@ -1,0 +1,2 @@
+"""The vision-language engine (SmolVLM architecture): preprocessing of crops and frames for its
+ONNX vision encoder (``preprocess``). Runtime code: numpy, cv2 and ONNX Runtime only."""
