@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from gazecam.models import ModelError, progress
+from gazecam.vlm.preprocess import PreprocessConfig
 
 FORMAT_VERSION = 1
 TILE_SIZES = (512, 448)
@@ -169,7 +170,7 @@ def convert(
     leaves the earlier out_dir (or none), never a partial one.
     """
     config = read_checkpoint_config(checkpoint)
-    pre = json.loads((checkpoint / "preprocessor_config.json").read_text())
+    pre = PreprocessConfig.load(checkpoint)
     counts = {s: tokens_per_tile(config, s) for s in tile_sizes}
     steps = len(tile_sizes) * (2 if int8 else 1) + 1
     with progress(f"converting {checkpoint.name} to ONNX", total=steps, unit="stage") as bar:
@@ -195,9 +196,9 @@ def convert(
                 "tiles": {str(s): {"tokens": n} for s, n in counts.items()},
                 "hidden": int(config["text_config"]["hidden_size"]),
                 "int8": int8,
-                "image_mean": pre["image_mean"],
-                "image_std": pre["image_std"],
-                "rescale_factor": pre["rescale_factor"],
+                "image_mean": list(pre.image_mean),
+                "image_std": list(pre.image_std),
+                "rescale_factor": pre.rescale_factor,
             }
             (tmp / "vision.json").write_text(json.dumps(info, indent=2) + "\n")
             for written in tmp.iterdir():
