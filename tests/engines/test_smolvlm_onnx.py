@@ -129,6 +129,12 @@ def test_missing_and_corrupt_weights_are_refused(tiny_smolvlm: Path, tmp_path: P
     save_file(state, weights, metadata={"format": "pt"})
     with pytest.raises(ModelError, match=r"no tensor model\.connector\.modality_projection"):
         convert(broken, tmp_path / "out")
+    shutil.copy(tiny_smolvlm / "model.safetensors", weights)
+    config = json.loads((broken / "config.json").read_text())
+    config["vision_config"]["intermediate_size"] = 96  # the checkpoint's MLPs are 64 wide
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="broken: cannot load the checkpoint"):
+        convert(broken, tmp_path / "out")
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ModelError, match="broken: cannot load the checkpoint"):
         convert(broken, tmp_path / "out")

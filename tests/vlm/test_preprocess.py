@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +88,12 @@ def test_an_unusable_config_names_its_file(tmp_path: Path) -> None:
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({**PREPROCESSOR, "resample": 3}))
     with pytest.raises(ModelError, match=r"preprocessor_config\.json.*resample 3"):
         PreprocessConfig.load(tmp_path)
+
+
+def test_the_runtime_needs_neither_torch_nor_transformers() -> None:
+    code = (
+        "import sys, gazecam.vlm.preprocess; "
+        "print(sorted({'torch', 'transformers', 'PIL'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
