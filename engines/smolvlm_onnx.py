@@ -54,6 +54,11 @@ def read_checkpoint_config(folder: Path) -> dict[str, Any]:
             f"{folder / 'config.json'}: model_type {config.get('model_type')!r}, "
             "not 'idefics3' (SmolVLM)"
         )
+    try:
+        int(config["vision_config"]["patch_size"]) + int(config["scale_factor"])
+        int(config["text_config"]["hidden_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{folder / 'config.json'}: no usable {exc} field") from exc
     return config
 
 
