@@ -222,10 +222,13 @@ def test_unknown_model_and_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
     )
 
 
-def gazecam_offline(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """``python -m gazecam ARGS`` with the Hugging Face Hub at a closed port on 127.0.0.1 (in a
-    process of its own: huggingface_hub reads HF_ENDPOINT when it is imported)."""
-    hub_env = {"HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}", "HF_HOME": str(tmp_path / "hf")}
+def gazecam_offline(
+    tmp_path: Path, *args: str, hub: str | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """``python -m gazecam ARGS`` with the Hugging Face Hub at ``hub``, by default a closed port
+    on 127.0.0.1 (in a process of its own: huggingface_hub reads HF_ENDPOINT when imported)."""
+    hub = hub or f"http://127.0.0.1:{closed_port()}"
+    hub_env = {"HF_ENDPOINT": hub, "HF_HOME": str(tmp_path / "hf")}
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "GAZECAM_"))}
     return subprocess.run(
         [sys.executable, "-m", "gazecam", *args],
@@ -244,9 +247,9 @@ def test_fetching_a_smolvlm_checkpoint_offline_says_what_to_do(tmp_path: Path) -
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.splitlines() == [
         "smolvlm-256m: downloading HuggingFaceTB/SmolVLM-256M-Instruct from the Hugging Face Hub",
-        "gazecam: error: smolvlm-256m: no download from the Hugging Face Hub ([Errno 111] "
-        "Connection refused); download HuggingFaceTB/SmolVLM-256M-Instruct on a connected "
-        "machine, then run: gazecam models import smolvlm-256m DIR",
+        "gazecam: error: smolvlm-256m: no download from the Hugging Face Hub (ConnectError: "
+        "[Errno 111] Connection refused); download HuggingFaceTB/SmolVLM-256M-Instruct on a "
+        "connected machine, then run: gazecam models import smolvlm-256m DIR",
     ]
     assert list((tmp_path / "cache").iterdir()) == []  # no checkpoint, no partial download
     assert not (tmp_path / "hf").exists()  # nor anything in the Hub's own cache

@@ -476,7 +476,7 @@ def import_checkpoint(
         staged = Path(tmp) / name
         staged.mkdir()
         total = sum((source / file).stat().st_size for file in checkpoint.files)
-        with progress(f"{name}: copying {source}", total) as bar:
+        with progress(f"{name}: copying {len(checkpoint.files)} files into {target}", total) as bar:
             for file in checkpoint.files:
                 try:
                     with (source / file).open("rb") as src, (staged / file).open("wb") as dst:
@@ -501,7 +501,6 @@ def fetch_checkpoint(name: str, settings: ModelSettings | None = None) -> SmolVL
     Where the Hub cannot be reached, ModelError says what to download and how to import it.
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError
 
     settings = settings or ModelSettings()
     repo = _repo(name)
@@ -514,9 +513,14 @@ def fetch_checkpoint(name: str, settings: ModelSettings | None = None) -> SmolVL
         print(f"{name}: downloading {repo} from the Hugging Face Hub", file=sys.stderr, flush=True)
         try:
             snapshot_download(repo, allow_patterns=patterns, local_dir=tmp)
-        except (HfHubHTTPError, OSError) as exc:
-            # Unreachable: a LocalEntryNotFoundError whose cause is the connection error.
-            reason = (str(exc.__cause__ or exc).splitlines() or [type(exc).__name__])[0]
+        except Exception as exc:
+            # Besides huggingface_hub's own errors (an unreachable Hub is a
+            # LocalEntryNotFoundError caused by the connection error), a download cut short
+            # raises its HTTP client's (requests, httpx or httpx2, by version), and an answer
+            # that is not the Hub's (a captive portal) whatever its parsing meets. Each means:
+            # no checkpoint came; the line says what to do instead.
+            cause = exc.__cause__ or exc
+            reason = f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}"
             raise ModelError(
                 f"{name}: no download from the Hugging Face Hub ({reason}); download {repo} on "
                 f"a connected machine, then run: gazecam models import {name} DIR"

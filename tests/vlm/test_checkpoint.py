@@ -8,10 +8,14 @@ the meta device, in header-only safetensors files whose data is a hole (valid, a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
 import struct
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,7 @@ from gazecam.vlm.checkpoint import (
     vlm_checkpoint,
 )
 from tests.conftest import gguf_path, missing
+from tests.test_models import gazecam_offline
 
 TINY_FILES = {
     "config.json",
@@ -295,7 +300,8 @@ def test_import_copies_the_checkpoint_into_the_cache_and_list_shows_it(
     summary = "custom size: vision 32×2 layers, text 64×2 layers, 6.5M parameters, random weights"
     out, err = capsys.readouterr()
     assert out == f"smolvlm-256m: {installed} ({summary})\n"
-    assert err == f"smolvlm-256m: copying {tiny_checkpoint} (16.5MB)\n"  # not a terminal: a line
+    # Not a terminal: the copy's progress is one line, with the size.
+    assert err == f"smolvlm-256m: copying 9 files into {installed} (16.5MB)\n"
     assert [p.name for p in cache.iterdir()] == ["smolvlm-256m"]
     assert {p.name for p in installed.iterdir()} == TINY_FILES
     for name in TINY_FILES:
@@ -375,3 +381,107 @@ def test_an_interrupted_import_leaves_nothing(
         import_checkpoint("smolvlm-256m", tiny_checkpoint, settings)
     assert list((tmp_path / "cache").iterdir()) == []
     assert vlm_checkpoint(settings) is None
+
+
+REPO_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
+
+
+@pytest.fixture
+def local_hub(tiny_checkpoint: Path) -> Iterator[tuple[str, list[str], set[str]]]:
+    """A Hugging Face Hub on 127.0.0.1 whose SmolVLM-256M-Instruct repository holds the tiny
+    checkpoint's files plus the ONNX exports and README the real one has (the paths that
+    ``gazecam models fetch`` must not download); yields its address, the paths requested, and
+    the set of files whose download it cuts short (the connection drops halfway)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    files = {p.name: p.read_bytes() for p in tiny_checkpoint.iterdir()}
+    files |= {"README.md": b"# SmolVLM\n", "onnx/vision_encoder.onnx": b"onnx " * 1000}
+    requested: list[str] = []
+    cut_short: set[str] = set()
+
+    class Hub(BaseHTTPRequestHandler):
+        # The three endpoints huggingface_hub's snapshot_download asks: the revision, its file
+        # tree, and each file (HEAD for its metadata, then GET).
+        def do_HEAD(self) -> None:
+            self.answer(with_body=False)
+
+        def do_GET(self) -> None:
+            self.answer(with_body=True)
+
+        def answer(self, with_body: bool) -> None:
+            path = self.path.split("?")[0]
+            requested.append(path)
+            if path == f"/api/models/{REPO_ID}/revision/main":
+                body = json.dumps({"id": REPO_ID, "sha": commit}).encode()
+            elif path == f"/api/models/{REPO_ID}/tree/{commit}":
+                tree = [
+                    {"type": "file", "path": n, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                    for n, b in files.items()
+                ]
+                body = json.dumps(tree).encode()
+            elif path.removeprefix(f"/{REPO_ID}/resolve/{commit}/") in files:
+                body = files[path.removeprefix(f"/{REPO_ID}/resolve/{commit}/")]
+            else:
+                self.send_response(404)
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
+            self.send_header("X-Repo-Commit", commit)
+            self.end_headers()
+            if with_body:
+                cut = path.rsplit("/", 1)[-1] in cut_short
+                self.wfile.write(body[: len(body) // 2] if cut else body)
+
+        def log_message(self, *args: Any) -> None:
+            pass  # requests are recorded above
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", requested, cut_short
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
+
+
+def test_fetch_downloads_the_checkpoint_from_the_hub_and_imports_it(
+    tiny_checkpoint: Path, tmp_path: Path, local_hub: tuple[str, list[str], set[str]]
+) -> None:
+    hub, requested, _ = local_hub
+    cache = tmp_path / "cache"
+    result = gazecam_offline(
+        tmp_path, "models", "fetch", "smolvlm-256m", hub=hub, GAZECAM_MODELS_DIR=str(cache)
+    )
+    assert result.returncode == 0, result.stderr
+    installed = cache / "smolvlm-256m"
+    summary = "custom size: vision 32×2 layers, text 64×2 layers, 6.5M parameters, random weights"
+    assert result.stdout == f"smolvlm-256m: {installed} ({summary})\n"
+    assert result.stderr.startswith(f"smolvlm-256m: downloading {REPO_ID} from the Hugging Face")
+    assert result.stderr.endswith(f"smolvlm-256m: copying 9 files into {installed} (16.5MB)\n")
+    assert [p.name for p in cache.iterdir()] == ["smolvlm-256m"]  # no download folder left
+    for name in TINY_FILES:
+        assert (installed / name).read_bytes() == (tiny_checkpoint / name).read_bytes()
+    downloaded = {p.rsplit("/", 1)[-1] for p in requested if "/resolve/" in p}
+    assert downloaded == TINY_FILES  # not the ONNX exports, not the README
+
+
+def test_a_download_cut_short_leaves_nothing_in_the_cache(
+    tmp_path: Path, local_hub: tuple[str, list[str], set[str]]
+) -> None:
+    hub, _, cut_short = local_hub
+    cut_short.add("model.safetensors")
+    cache = tmp_path / "cache"
+    result = gazecam_offline(
+        tmp_path, "models", "fetch", "smolvlm-256m", hub=hub, GAZECAM_MODELS_DIR=str(cache)
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    error = result.stderr.splitlines()[-1]
+    assert error.startswith("gazecam: error: smolvlm-256m: no download from the Hugging Face Hub (")
+    assert error.endswith(
+        f"); download {REPO_ID} on a connected machine, then run: "
+        "gazecam models import smolvlm-256m DIR"
+    )
+    assert list(cache.iterdir()) == []
