@@ -217,8 +217,7 @@ class AskCommand(BaseModel):
 
 
 class ModelsCommand(BaseModel):
-    """List the models gazecam uses, fetch them once into the cache, or import a SmolVLM
-    checkpoint folder."""
+    """List the models gazecam uses, fetch them into the cache, or import a SmolVLM checkpoint."""
 
     action: CliPositionalArg[Literal["list", "fetch", "import"]] = Field(
         description="list, fetch [NAME ...], or import smolvlm-256m|smolvlm-500m DIR."
@@ -239,7 +238,7 @@ class ModelsCommand(BaseModel):
             describe,
             fetch,
         )
-        from gazecam.vlm.checkpoint import describe_checkpoint, fetch_checkpoint, import_checkpoint
+        from gazecam.vlm.install import describe_checkpoint, fetch_checkpoint, import_checkpoint
 
         settings = ModelSettings()
         if self.action == "list":

@@ -13,7 +13,7 @@ checksum does not match is refused.
 
 The vision-language engine's SmolVLM checkpoints (``CHECKPOINTS``) are folders, not single files:
 ``gazecam models import`` and ``gazecam models fetch`` check and install them
-(``gazecam.vlm.checkpoint``).
+(``gazecam.vlm.install``).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-import gazecam.vlm.checkpoint as checkpoint_module
+import gazecam.vlm.install as install_module
 from gazecam.cli import main
 from gazecam.models import CHECKPOINT_LICENCE, ModelSettings
 from gazecam.vlm.checkpoint import (
@@ -30,10 +30,9 @@ from gazecam.vlm.checkpoint import (
     TextParams,
     VisionParams,
     check_checkpoint,
-    import_checkpoint,
     read_safetensors_header,
-    vlm_checkpoint,
 )
+from gazecam.vlm.install import import_checkpoint, vlm_checkpoint
 from tests.conftest import gguf_path, missing
 from tests.test_models import gazecam_offline
 
@@ -363,7 +362,7 @@ def test_an_interrupted_import_leaves_nothing(
 ) -> None:
     """Ctrl-C while the weights are copied: no folder that could pass for a checkpoint."""
     settings = ModelSettings(models_dir=tmp_path / "cache", model_path=[])
-    progress = checkpoint_module.progress
+    progress = install_module.progress
 
     def interrupted(*args: Any, **kwargs: Any) -> Any:
         bar = progress(*args, **kwargs)
@@ -376,7 +375,7 @@ def test_an_interrupted_import_leaves_nothing(
         bar.update = update
         return bar
 
-    monkeypatch.setattr(checkpoint_module, "progress", interrupted)
+    monkeypatch.setattr(install_module, "progress", interrupted)
     with pytest.raises(KeyboardInterrupt):
         import_checkpoint("smolvlm-256m", tiny_checkpoint, settings)
     assert list((tmp_path / "cache").iterdir()) == []
