@@ -119,7 +119,11 @@ def test_the_tiny_random_checkpoint_is_read(tiny_checkpoint: Path) -> None:
 def test_the_released_sizes_are_recognised(
     tmp_path: Path, tiny_checkpoint: Path, size: str, parameters: int
 ) -> None:
+    from safetensors import safe_open
+
     assert released_size(tmp_path / size, size, tiny_checkpoint) == parameters
+    with safe_open(tmp_path / size / "model.safetensors", "pt") as f:  # a valid file
+        assert sum(math.prod(f.get_slice(n).get_shape()) for n in f.keys()) == parameters  # noqa: SIM118
     checkpoint = check_checkpoint(tmp_path / size)
     assert checkpoint.size == size and checkpoint.parameters == parameters
     assert (checkpoint.vision, checkpoint.text, checkpoint.scale_factor) == SIZES[size]
