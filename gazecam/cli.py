@@ -22,7 +22,7 @@ from tqdm import tqdm
 from gazecam import __version__
 from gazecam.bench import BenchCommand
 from gazecam.capture import Capture, CaptureResult, capture
-from gazecam.errors import GazecamError
+from gazecam.errors import ConfigError, GazecamError
 from gazecam.export import CropWriter
 from gazecam.records import CropMode, SourceEvent
 from gazecam.server.command import ServeCommand
@@ -217,24 +217,50 @@ class AskCommand(BaseModel):
 
 
 class ModelsCommand(BaseModel):
-    """List the model files gazecam uses, or fetch them once into the cache."""
+    """List the models gazecam uses, fetch them into the cache, or import a SmolVLM checkpoint."""
 
-    action: CliPositionalArg[Literal["list", "fetch"]] = Field(description="list or fetch.")
+    action: CliPositionalArg[Literal["list", "fetch", "import"]] = Field(
+        description="list, fetch [NAME ...], or import smolvlm-256m|smolvlm-500m DIR."
+    )
     names: CliPositionalArg[list[str]] = Field(
-        default_factory=list, description="Models to fetch (default: all)."
+        default_factory=list,
+        description="fetch: the models to fetch (default: all but the SmolVLM checkpoints, "
+        "which come from the Hugging Face Hub); import: the checkpoint's name and folder.",
     )
 
     def cli_cmd(self) -> None:
         """Run the command."""
-        from gazecam.models import MODELS, ModelSettings, describe, fetch
+        from gazecam.models import (
+            CHECKPOINT_LICENCE,
+            CHECKPOINTS,
+            MODELS,
+            ModelSettings,
+            describe,
+            fetch,
+        )
+        from gazecam.vlm.install import describe_checkpoint, fetch_checkpoint, import_checkpoint
 
         settings = ModelSettings()
         if self.action == "list":
             for name, spec in MODELS.items():
                 print(f"{name:20} {spec.licence:40} {describe(name, settings)}")
+            for name in CHECKPOINTS:
+                print(f"{name:20} {CHECKPOINT_LICENCE:40} {describe_checkpoint(name, settings)}")
+            return
+        if self.action == "import":
+            if len(self.names) != 2:
+                raise ConfigError(
+                    "models import: give a name (smolvlm-256m or smolvlm-500m) and a folder"
+                )
+            checkpoint = import_checkpoint(self.names[0], Path(self.names[1]), settings)
+            print(f"{self.names[0]}: {checkpoint.path} ({checkpoint.summary()})")
             return
         for name in self.names or list(MODELS):
-            print(f"{name}: {fetch(name, settings)}")
+            if name in CHECKPOINTS:
+                checkpoint = fetch_checkpoint(name, settings)
+                print(f"{name}: {checkpoint.path} ({checkpoint.summary()})")
+            else:
+                print(f"{name}: {fetch(name, settings)}")
 
 
 class Gazecam(

