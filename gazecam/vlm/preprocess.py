@@ -1,4 +1,4 @@
-"""Pixel values for the vision encoder, from BGR frames and crops (numpy and cv2 only).
+"""Pixel values for the vision encoder, from BGR frames and crops (numpy and Pillow).
 
 Two ways in, both reading the checkpoint's ``preprocessor_config.json``:
 
@@ -9,12 +9,11 @@ Two ways in, both reading the checkpoint's ``preprocessor_config.json``:
   multiples of the tile (``max_image_size.longest_edge``, 512), cut into tiles row-major, and
   the whole image resized to one more tile (the global image) → [rows·cols + 1, 3, S, S].
 
-Resizing is PIL's LANCZOS (the processor's ``resample: 1``) reproduced exactly: the same
-separable Lanczos-3 coefficients, widened by the scale factor when shrinking (antialiasing),
-in PIL's 22-bit fixed point, horizontal pass first, each pass rounded and clipped to uint8.
-cv2 has no such filter: on a 1600×1200 scene frame its INTER_LANCZOS4 is up to 21 grey levels
-off PIL's when enlarging to 2048×1536, and INTER_AREA / INTER_LANCZOS4 up to 45 / 132 levels off
-when shrinking that to the 512 global image (no antialiasing, another kernel).
+Resizing is Pillow's LANCZOS, which is what the stock processor uses (``resample: 1``), so the
+pixels match it exactly. cv2 has no such filter: on a 1600×1200 scene frame its INTER_LANCZOS4
+is up to 21 grey levels off PIL's when enlarging to 2048×1536, and INTER_AREA / INTER_LANCZOS4
+up to 45 / 132 levels off when shrinking that to the 512 global image (no antialiasing,
+another kernel).
 """
 
 from __future__ import annotations
@@ -26,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
+from PIL import Image
 
 from gazecam.models import ModelError
 from gazecam.records import BGRImage
 
 F32 = NDArray[np.float32]
-PRECISION_BITS = 22  # PIL's fixed point for 8-bit images (32 - 8 - 2)
 LANCZOS = 1  # PIL's resample code for LANCZOS, as preprocessor_config.json writes it
 
 
@@ -82,57 +81,10 @@ class Tiles:
     cols: int
 
 
-def _coefficients(in_size: int, out_size: int) -> tuple[NDArray[np.intp], NDArray[np.int64]]:
-    """PIL's LANCZOS taps for one axis: first input index and fixed-point weights per output."""
-    scale = in_size / out_size
-    filterscale = max(scale, 1.0)
-    support = 3.0 * filterscale
-    ksize = math.ceil(support) * 2 + 1
-    center = (np.arange(out_size) + 0.5) * scale
-    # C's (int) cast truncates toward zero; below zero the bound is clamped to 0 anyway.
-    xmin = np.maximum(np.trunc(center - support + 0.5).astype(np.intp), 0)
-    xmax = np.minimum(np.trunc(center + support + 0.5).astype(np.intp), in_size) - xmin
-    taps = np.arange(ksize)
-    x = (taps[None, :] + xmin[:, None] - center[:, None] + 0.5) / filterscale
-    w = np.sinc(x) * np.sinc(x / 3.0) * ((x >= -3.0) & (x < 3.0))
-    w = np.where(taps[None, :] < xmax[:, None], w, 0.0)
-    w /= w.sum(axis=1, keepdims=True)
-    fixed = np.trunc(w * (1 << PRECISION_BITS) + np.where(w < 0, -0.5, 0.5)).astype(np.int64)
-    return xmin, fixed
-
-
-def _resample_axis(image: NDArray[np.uint8], out_size: int, axis: int) -> NDArray[np.uint8]:
-    xmin, fixed = _coefficients(image.shape[axis], out_size)
-    last = image.shape[axis] - 1
-    shape = [1, 1, 1]
-    shape[axis] = out_size
-    # int32 is exact while 255·Σ|weights| + the rounding half fits (Lanczos-3: Σ|w| < 1.3).
-    wide = 255 * int(np.abs(fixed).sum(axis=1).max()) + (1 << PRECISION_BITS) >= 1 << 31
-    dtype = np.int64 if wide else np.int32
-    acc = np.full(
-        (*image.shape[:axis], out_size, *image.shape[axis + 1 :]),
-        1 << (PRECISION_BITS - 1),
-        dtype=dtype,
-    )
-    for k in range(fixed.shape[1]):
-        weight = fixed[:, k].astype(dtype)
-        if not weight.any():
-            continue
-        taken = np.take(image, np.minimum(xmin + k, last), axis=axis)
-        acc += taken.astype(dtype) * weight.reshape(shape)
-    out: NDArray[np.uint8] = np.clip(acc >> PRECISION_BITS, 0, 255).astype(np.uint8)
-    return out
-
-
 def resize_lanczos(image: NDArray[np.uint8], width_px: int, height_px: int) -> NDArray[np.uint8]:
-    """An (H, W, 3) uint8 image resized as PIL's ``Image.resize(..., LANCZOS)`` does it."""
-    if image.shape[:2] == (height_px, width_px):
-        return np.array(image, copy=True)  # PIL returns a copy at the same size
-    if image.shape[1] != width_px:
-        image = _resample_axis(image, width_px, axis=1)
-    if image.shape[0] != height_px:
-        image = _resample_axis(image, height_px, axis=0)
-    return image
+    """An (H, W, 3) uint8 image resized with PIL's LANCZOS, as the stock image processor does."""
+    resized = Image.fromarray(image).resize((width_px, height_px), Image.Resampling.LANCZOS)
+    return np.asarray(resized)
 
 
 def _normalise(rgb_tiles: NDArray[np.uint8], config: PreprocessConfig) -> F32:
