@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +29,7 @@ from gguf import GGUFReader
 from tokenizers import AddedToken, Tokenizer
 
 from engines.smollm2_onnx import make_tokenizer
-from gazecam.models import ModelError, model_path
+from gazecam.models import ModelError, folder_written_atomically, model_path
 
 BASE_VOCAB = 49152  # SmolLM2's tokens; SmolVLM's added tokens follow
 VOCAB = 49280  # the real checkpoints' embedding rows (added tokens padded to a multiple of 128)
@@ -207,9 +204,7 @@ def write_random_checkpoint(
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(Idefics3Config(**config)).to(torch.bfloat16).eval()
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with folder_written_atomically(out_dir) as tmp:
         model.save_pretrained(tmp)
         # Our own config.json (transformers adds its defaults); marked random, named random.
         config.update(
@@ -230,14 +225,6 @@ def write_random_checkpoint(
             {"image_seq_len": 64, "processor_class": "Idefics3Processor"},
         )
         _write_json(tmp / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
-        for written in tmp.iterdir():
-            written.chmod(0o644)
-        tmp.chmod(0o755)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # the partial folder; the error goes on
-        raise
     return out_dir
 
 

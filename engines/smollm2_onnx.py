@@ -28,9 +28,6 @@ RoPE pairs ADJACENT dims (2i, 2i+1): llama.cpp's converter permuted HF's q/k row
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +41,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tqdm import tqdm
 
-from gazecam.models import ModelError, progress
+from gazecam.models import ModelError, folder_written_atomically, progress
 
 FORMAT_VERSION = 1
 BLOCK = 32  # elements per quantisation block (Q4_1, Q8_0 and MatMulNBits alike)
@@ -401,9 +398,7 @@ def save(weights: Weights, tokenizer: Tokenizer, out_dir: Path, source: str) -> 
     They are written into a hidden temporary folder beside out_dir, which is renamed to out_dir
     last: a failed or interrupted save leaves the earlier out_dir (or none), never a partial one.
     """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with folder_written_atomically(out_dir) as tmp:
         onnx.save_model(
             build_graph(weights),
             tmp / "model.onnx",
@@ -415,15 +410,6 @@ def save(weights: Weights, tokenizer: Tokenizer, out_dir: Path, source: str) -> 
         tokenizer.save(str(tmp / "tokenizer.json"))
         config = {"format_version": FORMAT_VERSION, "source": source, **asdict(weights.arch)}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        # onnx writes the data file owner-only, mkdtemp the folder; the cache may be shared.
-        for written in tmp.iterdir():
-            written.chmod(0o644)
-        tmp.chmod(0o755)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # the partial folder; the error goes on
-        raise
     return out_dir / "model.onnx"
 
 

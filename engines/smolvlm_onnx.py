@@ -24,14 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
-from gazecam.models import ModelError, progress
+from gazecam.models import ModelError, folder_written_atomically, progress
 from gazecam.vlm.preprocess import PreprocessConfig
 
 FORMAT_VERSION = 1
@@ -182,9 +179,7 @@ def convert(
         bar.set_postfix_str("loading the checkpoint")
         model = load_model(checkpoint)
         bar.update()
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-        try:
+        with folder_written_atomically(out_dir) as tmp:
             for s in tile_sizes:
                 bar.set_postfix_str(f"exporting the {s} encoder")
                 export_vision(model, s, tmp / f"vision_{s}.onnx")
@@ -206,14 +201,6 @@ def convert(
                 "rescale_factor": pre.rescale_factor,
             }
             (tmp / "vision.json").write_text(json.dumps(info, indent=2) + "\n")
-            for written in tmp.iterdir():
-                written.chmod(0o644)
-            tmp.chmod(0o755)
-            shutil.rmtree(out_dir, ignore_errors=True)
-            os.replace(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)  # the partial folder; the error goes on
-            raise
     return out_dir
 
 

@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,6 +137,26 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextmanager
+def folder_written_atomically(out_dir: Path) -> Iterator[Path]:
+    """A hidden temporary folder beside ``out_dir`` to write into; renamed to ``out_dir`` (which
+    it replaces) when the block ends, and removed instead when it fails or is interrupted, so
+    ``out_dir`` is never a partial folder. Files are made readable by all (onnx writes its data
+    files owner-only, mkdtemp the folder; the model cache may be shared)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        yield tmp
+        for written in tmp.iterdir():
+            written.chmod(0o644)
+        tmp.chmod(0o755)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the partial folder; the error goes on
+        raise
 
 
 def progress(desc: str, total: float | None = None, unit: str = "B") -> Any:

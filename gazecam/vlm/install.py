@@ -14,7 +14,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gazecam.models import CHECKPOINTS, ModelError, ModelSettings, progress
+from gazecam.models import (
+    CHECKPOINTS,
+    ModelError,
+    ModelSettings,
+    folder_written_atomically,
+    progress,
+)
 from gazecam.vlm.checkpoint import (
     CHAT_TEMPLATES,
     OPTIONAL_FILES,
@@ -83,10 +89,8 @@ def import_checkpoint(
             f"import it as smolvlm-{checkpoint.size}"
         )
     target = settings.models_dir / name
-    settings.models_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=settings.models_dir, prefix=f".{name}.") as tmp:
-        staged = Path(tmp) / name
-        staged.mkdir()
+    # An earlier import of the same name is replaced only once this one is complete.
+    with folder_written_atomically(target) as staged:
         total = sum((source / file).stat().st_size for file in checkpoint.files)
         with progress(f"{name}: copying {len(checkpoint.files)} files into {target}", total) as bar:
             for file in checkpoint.files:
@@ -100,9 +104,6 @@ def import_checkpoint(
                         f"{name}: copying {source / file} into {settings.models_dir} failed "
                         f"({exc.strerror or exc})"
                     ) from exc
-        if target.exists():  # an earlier import: replaced, and removed with the temporary folder
-            target.rename(Path(tmp) / "replaced")
-        staged.rename(target)
     return dataclasses.replace(checkpoint, path=target)
 
 
