@@ -31,7 +31,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gazecam.errors import ConfigError, GazecamError
 from gazecam.llm.decoder import LOCAL_RESERVE, GenerationStats, LanguageModel
-from gazecam.llm.tokenizer import context_prompt
+from gazecam.llm.tokenizer import Prompt, context_prompt
 from gazecam.memory import MemorySettings, VisualMemory
 from gazecam.models import ModelSettings, fetch
 from gazecam.perception import Perception
@@ -109,7 +109,7 @@ class Model(Protocol):
 
     max_positions: int
 
-    def count_tokens(self, text: str) -> int: ...
+    def count_tokens(self, text: str | Prompt) -> int: ...
     def set_context(self, text: str) -> None: ...
     def add_region(self, region_id: str, text: str, gaze_prior: float) -> None: ...
     def drop_region(self, region_id: str) -> bool: ...

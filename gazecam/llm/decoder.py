@@ -43,7 +43,13 @@ from gazecam.llm.kv import KVCache, KVGroup
 from gazecam.llm.sampling import sample, stream_piece
 from gazecam.llm.settings import LLMSettings
 from gazecam.llm.sparse import region_scores, select
-from gazecam.llm.tokenizer import ChatTokenizer, context_prompt, question_prompt, region_prompt
+from gazecam.llm.tokenizer import (
+    ChatTokenizer,
+    Prompt,
+    context_prompt,
+    question_prompt,
+    region_prompt,
+)
 from gazecam.models import ModelError, ModelSettings, model_path
 
 FORMAT_VERSION = 1  # of the converted folder; must match engines.smollm2_onnx.FORMAT_VERSION
@@ -152,9 +158,13 @@ class LanguageModel:
         """The regions in memory, oldest first."""
         return [g.group_id.removeprefix("region:") for g in self.cache.of_kind("region")]
 
-    def count_tokens(self, text: str) -> int:
-        """How many tokens ``text`` is (``set_context`` prefills ``context_prompt(text)``)."""
-        return len(self.tokenizer.encode(text))
+    def count_tokens(self, text: str | Prompt) -> int:
+        """Tokens in text, or in a prompt (``set_context`` prefills ``context_prompt(text)``)."""
+        return len(
+            self.tokenizer.encode(text)
+            if isinstance(text, str)
+            else self.tokenizer.encode_prompt(text)
+        )
 
     def set_context(self, text: str) -> None:
         """Prefill the always-kept context; the same text again costs nothing.
@@ -167,7 +177,7 @@ class LanguageModel:
         with self._lock:
             if text == self._context_text:
                 return
-            ids = self.tokenizer.encode(context_prompt(text))
+            ids = self.tokenizer.encode_prompt(context_prompt(text))
             self._check_positions(len(ids))
             step = self._forward(ids, np.arange(len(ids)), [])
             self.cache.drop(CONTEXT)
@@ -181,7 +191,7 @@ class LanguageModel:
         Its positions continue after the context and the regions in memory. A region_id
         already in memory is replaced. ``gaze_prior`` (0..1) is the gaze's vote for it.
         """
-        ids = self.tokenizer.encode(region_prompt(text))
+        ids = self.tokenizer.encode_prompt(region_prompt(text))
         with self._lock:
             key = f"region:{region_id}"
             self.cache.drop(key)
@@ -225,7 +235,7 @@ class LanguageModel:
         if isinstance(top_k_regions, _Unset):
             top_k_regions = s.llm_top_k_regions or None
         return self._generate(
-            question_prompt(question) + answer_prefix.rstrip(),
+            (*question_prompt(question), answer_prefix.rstrip()),
             answer_prefix != answer_prefix.rstrip(),
             top_k_regions,
             s.llm_max_tokens if max_tokens is None else max_tokens,
@@ -237,7 +247,7 @@ class LanguageModel:
 
     def _generate(
         self,
-        prompt: str,
+        prompt: Prompt,
         strip_leading_space: bool,
         k: int | None,
         max_tokens: int,
@@ -247,7 +257,7 @@ class LanguageModel:
         rng: np.random.Generator,
     ) -> Iterator[str | GenerationStats]:
         started = time.perf_counter()
-        ids = self.tokenizer.encode(prompt)
+        ids = self.tokenizer.encode_prompt(prompt)
         with self._lock:
             self.cache.drop(LOCAL)
             position = self.cache.end_position()

@@ -75,5 +75,5 @@ def test_the_model_continues_an_answer_prefix(real_lm: LanguageModel) -> None:
         text, stats = answer(real_lm, FRANCE, answer_prefix=prefix, max_tokens=8, temperature=0)
         assert "Paris" in text and "capital" not in text
         assert (prefix + text).startswith("The capital of France is Paris")
-        prompt = question_prompt(FRANCE) + prefix.rstrip()  # prefilled with the question
-        assert stats.prompt_tokens == len(real_lm.tokenizer.encode(prompt))
+        prompt = (*question_prompt(FRANCE), prefix.rstrip())  # prefilled with the question
+        assert stats.prompt_tokens == len(real_lm.tokenizer.encode_prompt(prompt))
