@@ -22,7 +22,10 @@ least by the start of its title (``gazecam.assistant.context_text``). A card ove
 limits is refused as too large (``CardTooLargeError``). Instructions may be of any length: the
 assistant cuts them to fit its context budget. The YAML may nest at most ``MAX_YAML_DEPTH``
 levels and may not use aliases (``*name``): a card needs neither, and both could otherwise
-exhaust the process (recursion, or the exponential expansion of nested aliases).
+exhaust the process (recursion, or the exponential expansion of nested aliases). A card file
+larger than ``MAX_CARD_BYTES`` is refused before it is parsed (the service's default limit on a
+posted card, GAZECAM_MAX_TASK_BYTES, is the same number): a card that size holds every step of
+the largest card the assistant can use, and a file is read no further than that.
 """
 
 from __future__ import annotations
@@ -47,10 +50,11 @@ MAX_NAME_CHARS = 120
 MAX_TITLE_CHARS = 80
 # A card's deepest value (a cue) is 6 levels down: card, steps, step, cues, text, cue.
 MAX_YAML_DEPTH = 16
+MAX_CARD_BYTES = 65_536
 
 
 class CardTooLargeError(ConfigError):
-    """A task card over one of its size limits (steps, name or title length)."""
+    """A task card over one of its size limits (bytes, steps, name or title length)."""
 
 
 def normalise_cue(text: str) -> str:
@@ -132,9 +136,14 @@ class TaskCard(BaseModel):
 def load_task_card(path: str | Path) -> TaskCard:
     """Read and validate the task card at ``path``; any problem raises a one-line ConfigError."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with Path(path).open("rb") as file:
+            data = file.read(MAX_CARD_BYTES + 1)  # a bigger file is not read any further
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the task card ({exc.strerror})") from exc
+    if len(data) > MAX_CARD_BYTES:
+        raise CardTooLargeError(f"{path}: a task card file may be at most {MAX_CARD_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
     return TaskCard.from_yaml_text(text, str(path))

@@ -9,7 +9,9 @@ import pydantic
 import pytest
 
 from gazecam.errors import ConfigError
+from gazecam.server.settings import ServerSettings
 from gazecam.tasks import (
+    MAX_CARD_BYTES,
     MAX_STEPS,
     MAX_YAML_DEPTH,
     CardTooLargeError,
@@ -121,6 +123,24 @@ def test_missing_or_unreadable_file(tmp_path: Path) -> None:
         load_task_card(binary)
 
 
+def test_a_card_file_over_the_size_limit_is_refused_unread(tmp_path: Path) -> None:
+    card = tmp_path / "card.yaml"
+    text = "name: Fill\nsteps:\n  - {title: One, instruction: Do it.}\n# "
+    card.write_text(text + "x" * (MAX_CARD_BYTES - len(text)))
+    assert card.stat().st_size == MAX_CARD_BYTES
+    assert load_task_card(card).name == "Fill"
+    message = rf"^{card}: a task card file may be at most 65536 bytes$"
+    with card.open("a") as file:
+        file.write("x")
+    with pytest.raises(CardTooLargeError, match=message):
+        load_task_card(card)
+    with card.open("r+b") as file:
+        file.truncate(1 << 30)  # sparse: 1 GiB of zeros that is never read
+    with pytest.raises(CardTooLargeError, match=message):
+        load_task_card(card)
+    assert ServerSettings().max_task_bytes == MAX_CARD_BYTES  # the same default limit
+
+
 def test_normalise_cue_ignores_case_spaces_and_punctuation() -> None:
     assert normalise_cue("2 Check-Fuse.") == "2checkfuse"
     assert normalise_cue("STOP  sign") == "stopsign"
@@ -177,7 +197,7 @@ NESTED = f"nested deeper than {MAX_YAML_DEPTH} levels (a task card needs 6)"
         ("[" * 10_000 + "]" * 10_000, f"YAML at line 1, column 17: {NESTED}"),
         ("{a: " * 10_000 + "1" + "}" * 10_000, f"YAML at line 1, column 62: {NESTED}"),
         (
-            "".join(f"{'  ' * i}k{i}:\n" for i in range(3000)) + "  " * 3000 + "x\n",
+            "".join(f"{'  ' * i}k{i}:\n" for i in range(200)) + "  " * 200 + "x\n",
             f"YAML at line 16, column 31: {NESTED}",
         ),
         (

@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gazecam.sources import check_address
+from gazecam.tasks import MAX_CARD_BYTES
 
 MIN_TOKEN_CHARS = 16
 
@@ -71,7 +72,10 @@ class ServerSettings(BaseSettings):
         description="A websocket message longer than this is refused with a bad_request error.",
     )
     max_task_bytes: int = Field(
-        65536, ge=1024, le=1 << 22, description="A longer task card body is refused (413)."
+        MAX_CARD_BYTES,
+        ge=1024,
+        le=1 << 22,
+        description="A longer task card body is refused (413).",
     )
     body_timeout_s: float = Field(
         10.0,
