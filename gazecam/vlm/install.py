@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import tempfile
 from pathlib import Path
 
 from gazecam.models import (
     CHECKPOINTS,
     ModelError,
     ModelSettings,
+    cache_temporary,
     folder_written_atomically,
     progress,
 )
@@ -121,9 +121,8 @@ def fetch_checkpoint(name: str, settings: ModelSettings | None = None) -> SmolVL
     path = installed_dir(name, settings)
     if path is not None:
         return check_checkpoint(path)
-    settings.models_dir.mkdir(parents=True, exist_ok=True)
     patterns = [*REQUIRED_FILES, *CHAT_TEMPLATES, *OPTIONAL_FILES, "model*.safetensors*"]
-    with tempfile.TemporaryDirectory(dir=settings.models_dir, prefix=f".{name}.download.") as tmp:
+    with cache_temporary(settings.models_dir, name) as tmp:
         print(f"{name}: downloading {repo} from the Hugging Face Hub", file=sys.stderr, flush=True)
         try:
             snapshot_download(repo, allow_patterns=patterns, local_dir=tmp)
