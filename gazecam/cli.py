@@ -13,7 +13,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand, SettingsError
@@ -26,7 +26,7 @@ from gazecam.errors import ConfigError, GazecamError
 from gazecam.export import CropWriter
 from gazecam.records import CropMode, SourceEvent
 from gazecam.server.command import ServeCommand
-from gazecam.settings import CaptureSettings, Pace, SourceSettings
+from gazecam.settings import CaptureSettings, Pace, SourceSettings, settings_problem
 from gazecam.sources import check_address, open_source
 
 if TYPE_CHECKING:
@@ -47,6 +47,17 @@ _FLAG_FOR_SETTING = {
     "thumbnail_px": "thumbnail",
     "fixation_detector": "fixations",
 }
+
+
+def _command_flags(command: str) -> dict[str, str]:
+    """The flags of the command named ``command`` (none for another word), by the setting each
+    sets."""
+    field = Gazecam.model_fields.get(command)
+    commands = [t for t in get_args(field.annotation) if t is not type(None)] if field else []
+    names = [name for cls in commands for name in cls.model_fields]
+    return {setting: flag for setting, flag in _FLAG_FOR_SETTING.items() if flag in names} | {
+        name: name for name in names
+    }
 
 
 def _show_warnings() -> None:
@@ -371,11 +382,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gazecam: error: {exc} ({exc.__cause__})", file=sys.stderr)
         return 2
     except ValidationError as exc:
-        for err in exc.errors():
-            name = str(err["loc"][-1]) if err["loc"] else "input"
-            flag = "--" + _FLAG_FOR_SETTING.get(name, name).replace("_", "-")
-            where = f"{flag} / GAZECAM_{name.upper()}" if name in _FLAG_FOR_SETTING else flag
-            print(f"gazecam: error: {where}: {err['msg']}", file=sys.stderr)
+        if exc.title == Gazecam.__name__:  # a flag's own value (loc: command, flag)
+            problem = "; ".join(
+                f"--{str(err['loc'][-1]).replace('_', '-')}: {err['msg']}" for err in exc.errors()
+            )
+        else:  # a setting, from a flag or the environment
+            problem = settings_problem(exc, _command_flags(args[0] if args else ""))
+        print(f"gazecam: error: {problem}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # No claim about files: 'crops' keeps the crops it wrote, 'record' takes Ctrl-C itself

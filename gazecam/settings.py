@@ -6,9 +6,10 @@ environment variable always mean the same thing.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gazecam.records import CropMode
@@ -97,3 +98,19 @@ class CaptureSettings(BaseSettings):
     ivt_min_fixation_ms: float = Field(
         60.0, ge=0, description="I-VT: a fixation must last this long before it counts."
     )
+
+
+def settings_problem(exc: ValidationError, flags: Mapping[str, str]) -> str:
+    """One line naming each bad setting as the user sets it: ``--FLAG / GAZECAM_NAME`` where the
+    running command has a flag for it, else only ``GAZECAM_NAME``.
+
+    ``flags``: the running command's flags, by the setting each sets (``crop_size_px``: ``size``).
+    """
+    problems = []
+    for error in exc.errors():
+        name = str(error["loc"][0]) if error["loc"] else "settings"
+        where = f"GAZECAM_{name.upper()}"
+        if name in flags:
+            where = f"--{flags[name].replace('_', '-')} / {where}"
+        problems.append(f"{where}: {error['msg']}")
+    return "; ".join(problems)

@@ -140,6 +140,37 @@ def test_bad_input_is_one_line_and_exit_code_2(
     assert len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("variable", "args", "where"),
+    [
+        # crops has flags for both settings; ask has none (its replay runs at full speed).
+        ("GAZECAM_PACE", ["crops", "synthetic:demo", "--out", "{tmp}"], "--pace / GAZECAM_PACE"),
+        (
+            "GAZECAM_KEYFRAMES_PER_S",
+            ["crops", "synthetic:demo", "--out", "{tmp}"],
+            "--fps / GAZECAM_KEYFRAMES_PER_S",
+        ),
+        (
+            "GAZECAM_KEYFRAMES_PER_S",
+            ["ask", "synthetic:demo", "what step am I on?", "--at", "1"],
+            "GAZECAM_KEYFRAMES_PER_S",
+        ),
+    ],
+)
+def test_a_bad_environment_setting_names_the_flag_only_where_the_command_has_it(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+    args: list[str],
+    where: str,
+) -> None:
+    monkeypatch.setenv(variable, "0" if variable.endswith("_S") else "bad")
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gazecam: error: {where}: ") and len(err.splitlines()) == 1
+
+
 def test_unparsable_environment_setting_is_one_line(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

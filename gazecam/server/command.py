@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from gazecam.errors import ConfigError
 from gazecam.server.settings import ServerSettings
+from gazecam.settings import settings_problem
 
 
 class ServeCommand(BaseModel):
@@ -50,19 +51,7 @@ class ServeCommand(BaseModel):
                 **{key: value for key, value in flags.items() if value is not None}
             )
         except ValidationError as exc:
-            raise ConfigError(_settings_problem(exc)) from exc
+            # Every field of the command is a flag for the setting of its name.
+            raise ConfigError(settings_problem(exc, {f: f for f in flags})) from exc
         logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
         serve(settings)
-
-
-def _settings_problem(exc: ValidationError) -> str:
-    """One line naming each bad setting as the user sets it: its flag and variable, or only
-    the variable for the settings ``serve`` has no flag for (the token, the limits)."""
-    problems = []
-    for error in exc.errors():
-        name = str(error["loc"][-1]) if error["loc"] else "settings"
-        where = f"GAZECAM_{name.upper()}"
-        if name in ServeCommand.model_fields:
-            where = f"--{name} / {where}"
-        problems.append(f"{where}: {error['msg']}")
-    return "; ".join(problems)
