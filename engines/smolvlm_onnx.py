@@ -29,51 +29,21 @@ from pathlib import Path
 from typing import Any
 
 from gazecam.models import ModelError, folder_written_atomically, progress
+from gazecam.vlm.checkpoint import check_checkpoint
 from gazecam.vlm.preprocess import PreprocessConfig
 
 FORMAT_VERSION = 1
 TILE_SIZES = (512, 448)
-FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 OPSET = 17
 
 
-def read_checkpoint_config(folder: Path) -> dict[str, Any]:
-    """The checkpoint's config.json, checked to be an Idefics3 (SmolVLM) one; ModelError if not."""
-    for name in FILES:
-        if not (folder / name).is_file():
-            raise ModelError(f"{folder / name}: missing (a SmolVLM checkpoint folder has {name})")
-    try:
-        config: dict[str, Any] = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{folder / 'config.json'}: unreadable ({exc})") from exc
-    if config.get("model_type") != "idefics3":
-        raise ModelError(
-            f"{folder / 'config.json'}: model_type {config.get('model_type')!r}, "
-            "not 'idefics3' (SmolVLM)"
-        )
-    try:
-        int(config["vision_config"]["patch_size"]) + int(config["scale_factor"])
-        int(config["text_config"]["hidden_size"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelError(f"{folder / 'config.json'}: no usable {exc} field") from exc
-    return config
-
-
-def tokens_per_tile(config: dict[str, Any], tile_px: int) -> int:
-    """Visual tokens the connector makes of one S×S tile: (S / patch / scale_factor)²."""
-    patch, scale = int(config["vision_config"]["patch_size"]), int(config["scale_factor"])
-    if tile_px % (patch * scale):
-        raise ModelError(f"tile size {tile_px} is not a multiple of patch × scale {patch * scale}")
-    return (tile_px // patch // scale) ** 2
-
-
 def load_model(folder: Path) -> Any:
-    """Idefics3ForConditionalGeneration in fp32 (bf16 checkpoints upcast); ModelError if bad."""
+    """Idefics3ForConditionalGeneration in fp32 (bf16 checkpoints upcast) from a folder that
+    ``check_checkpoint`` passed; ModelError if transformers cannot load all of it."""
     import torch
     from safetensors import SafetensorError
     from transformers import Idefics3ForConditionalGeneration
 
-    read_checkpoint_config(folder)
     try:
         model, info = Idefics3ForConditionalGeneration.from_pretrained(
             folder, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
@@ -171,9 +141,11 @@ def convert(
     Written into a hidden temporary folder beside out_dir, renamed last: a failed conversion
     leaves the earlier out_dir (or none), never a partial one.
     """
-    config = read_checkpoint_config(checkpoint)
+    # The same check as `gazecam models import`: files, config, safetensors headers, key shapes.
+    checked = check_checkpoint(checkpoint)
     pre = PreprocessConfig.load(checkpoint)
-    counts = {s: tokens_per_tile(config, s) for s in tile_sizes}
+    counts = {s: checked.tokens_at(s) for s in tile_sizes}
+    name = json.loads((checkpoint / "config.json").read_text()).get("gazecam_name", checkpoint.name)
     steps = len(tile_sizes) * (2 if int8 else 1) + 1
     with progress(f"converting {checkpoint.name} to ONNX", total=steps, unit="stage") as bar:
         bar.set_postfix_str("loading the checkpoint")
@@ -191,10 +163,10 @@ def convert(
             info = {
                 "format_version": FORMAT_VERSION,
                 "source": str(checkpoint.resolve()),
-                "name": config.get("gazecam_name", checkpoint.name),
-                "random_weights": bool(config.get("gazecam_random_weights", False)),
+                "name": name,
+                "random_weights": checked.random_weights,
                 "tiles": {str(s): {"tokens": n} for s, n in counts.items()},
-                "hidden": int(config["text_config"]["hidden_size"]),
+                "hidden": checked.text.hidden_size,
                 "int8": int8,
                 "image_mean": list(pre.image_mean),
                 "image_std": list(pre.image_std),

@@ -96,8 +96,16 @@ class SmolVLMCheckpoint:
     @property
     def tokens_per_tile(self) -> int:
         """Visual tokens of one image tile (64 for 512 px, patch 16, pixel shuffle 4)."""
-        side = self.vision.image_size_px // self.vision.patch_size_px // self.scale_factor
-        return side * side
+        return self.tokens_at(self.vision.image_size_px)
+
+    def tokens_at(self, tile_px: int) -> int:
+        """Visual tokens of one ``tile_px``² tile: (S / patch / scale_factor)², 49 at 448 px."""
+        step_px = self.vision.patch_size_px * self.scale_factor
+        if tile_px % step_px:
+            raise CheckpointError(
+                f"tile size {tile_px} is not a multiple of patch × scale_factor {step_px}"
+            )
+        return (tile_px // step_px) ** 2
 
     def summary(self) -> str:
         """One line for ``gazecam models list``, e.g. "256m, 256.5M parameters"."""

@@ -109,12 +109,16 @@ def test_a_checkpoint_of_another_architecture_is_one_line_and_exit_2(
     other = tmp_path / "llava"
     shutil.copytree(tiny_smolvlm, other)
     config = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**config, "model_type": "llava"}))
+    other_arch = {"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"]}
+    (other / "config.json").write_text(json.dumps({**config, **other_arch}))
     with pytest.raises(SystemExit) as exit_:
         main([str(other), str(tmp_path / "out")])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"error: {other / 'config.json'}: model_type 'llava', not 'idefics3' (SmolVLM)"
+    assert err == (
+        f"error: {other / 'config.json'}: a LlavaForConditionalGeneration checkpoint, "
+        "not SmolVLM (Idefics3)"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -125,9 +129,18 @@ def test_missing_and_corrupt_weights_are_refused(tiny_smolvlm: Path, tmp_path: P
     shutil.copytree(tiny_smolvlm, broken)
     weights = broken / "model.safetensors"
     state = load_file(weights)
-    del state["model.connector.modality_projection.proj.weight"]
+    # A key tensor is missing: the checkpoint check (as for `gazecam models import`) says so.
+    projection = state.pop("model.connector.modality_projection.proj.weight")
     save_file(state, weights, metadata={"format": "pt"})
-    with pytest.raises(ModelError, match=r"no tensor model\.connector\.modality_projection"):
+    with pytest.raises(
+        ModelError, match=r"tensor model\.connector\.modality_projection\.proj\.weight is missing"
+    ):
+        convert(broken, tmp_path / "out")
+    # Any other tensor: transformers would fill it with random weights; refused instead.
+    state["model.connector.modality_projection.proj.weight"] = projection
+    del state["model.vision_model.encoder.layers.1.mlp.fc1.weight"]
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=r"no tensor model\.vision_model\.encoder\.layers\.1\.mlp"):
         convert(broken, tmp_path / "out")
     shutil.copy(tiny_smolvlm / "model.safetensors", weights)
     config = json.loads((broken / "config.json").read_text())
@@ -136,9 +149,9 @@ def test_missing_and_corrupt_weights_are_refused(tiny_smolvlm: Path, tmp_path: P
     with pytest.raises(ModelError, match="broken: cannot load the checkpoint"):
         convert(broken, tmp_path / "out")
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(ModelError, match="broken: cannot load the checkpoint"):
+    with pytest.raises(ModelError, match=r"model\.safetensors: header length \d+ does not fit"):
         convert(broken, tmp_path / "out")
     weights.unlink()
-    with pytest.raises(ModelError, match=r"model\.safetensors: missing"):
+    with pytest.raises(ModelError, match=r"broken: missing model\.safetensors"):
         convert(broken, tmp_path / "out")
     assert not (tmp_path / "out").exists()
