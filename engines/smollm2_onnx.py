@@ -1,13 +1,16 @@
 """SmolLM2 (llama architecture) GGUF → an ONNX decoder for ONNX Runtime, without torch.
 
-``convert(gguf_path, out_dir)`` writes ``model.onnx`` (+ ``model.onnx.data``), ``tokenizer.json``
-and ``config.json``; ``build_random(...)`` writes the same graph with random weights (tiny models
+``convert(gguf_path, out_dir)`` writes ``model.onnx`` (+ ``model.onnx.data``),
+``embed_tokens.npz`` (the token embedding, looked up by the runtime), ``tokenizer.json`` and
+``config.json``; ``build_random(...)`` writes the same graph with random weights (tiny models
 for architecture tests). The runtime is ``gazecam.llm``.
 
 Graph interface (B = 1; T new tokens; P cached entries chosen by the runtime, any subset, any
 order, P may be 0; Hk KV heads of 64):
 
-- inputs: ``input_ids`` int64 [1, T], ``position_ids`` int64 [1, T], and per layer i
+- inputs: ``inputs_embeds`` float32 [1, T, hidden] (token embeddings, or a vision encoder's
+  visual tokens: the same input, so both enter the KV cache alike), ``position_ids`` int64
+  [1, T], and per layer i
   ``past_key_i`` / ``past_value_i`` float32 [1, Hk, P, 64]: keys already RoPE'd.
 - outputs: ``logits`` float32 [1, 1, V] for the LAST new token only (prefill never needs the
   others, and the head is the biggest matmul); ``present_key_i`` / ``present_value_i``
@@ -19,9 +22,10 @@ Weights stay exactly as the GGUF has them. A Q4_1 block is w = d·q + m (q in 0.
 Runtime's ``MatMulNBits`` (4 bits, blocks of 32, no zero-point input, so zero point 8) computes
 d·(q − 8); float zero points would be exact too but take a slow CPU path (25-50× slower), so the
 rest, (m + 8d)·Σ_block x, is added by a tiny fp32 MatMul on the block sums of x ("offsets").
-The tied Q8_0 embedding is both a ``GatherBlockQuantized`` table and an 8-bit ``MatMulNBits``
-head (q + 128 with zero point 128). ``accuracy_level`` 4 lets the CPU kernels quantise the
-activations to int8 per block, as llama.cpp does for Q4_1 (Q8_1 activations); 0 keeps fp32.
+The tied Q8_0 embedding is the 8-bit ``MatMulNBits`` head (q + 128 with zero point 128) and,
+saved as it is, the runtime's lookup table (q·d, as ``GatherBlockQuantized`` would compute).
+``accuracy_level`` 4 lets the CPU kernels quantise the activations to int8 per block, as
+llama.cpp does for Q4_1 (Q8_1 activations); 0 keeps fp32.
 RoPE pairs ADJACENT dims (2i, 2i+1): llama.cpp's converter permuted HF's q/k rows for it.
 """
 
@@ -43,7 +47,9 @@ from tqdm import tqdm
 
 from gazecam.models import ModelError, folder_written_atomically, progress
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: inputs_embeds instead of input_ids, embed_tokens.npz
+# The Q8_0 token embedding: q int8 [V, hidden/32, 32], scales float32 [V, hidden/32].
+EMBEDDINGS = "embed_tokens.npz"
 BLOCK = 32  # elements per quantisation block (Q4_1, Q8_0 and MatMulNBits alike)
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 F32 = NDArray[np.float32]
@@ -197,7 +203,7 @@ class _Graph:
 
 
 _CONTRIB = {
-    "MatMulNBits", "GatherBlockQuantized", "SkipSimplifiedLayerNormalization",
+    "MatMulNBits", "SkipSimplifiedLayerNormalization",
     "RotaryEmbedding", "GroupQueryAttention",
 }  # fmt: skip
 
@@ -208,7 +214,7 @@ def build_graph(w: Weights) -> onnx.ModelProto:
     acc, hd = a.accuracy_level, a.head_dim
     # Shared: P, and P + T as GroupQueryAttention wants it: an int32 scalar, and [P + T - 1].
     (past_len,) = g.op("Shape", ["past_key_0"], start=2, end=3)
-    (new_len,) = g.op("Shape", ["input_ids"], start=1, end=2)
+    (new_len,) = g.op("Shape", ["inputs_embeds"], start=1, end=2)
     (total_1d,) = g.op("Cast", g.op("Add", [past_len, new_len]), to=TensorProto.INT32)
     (total,) = g.op("Squeeze", [total_1d])
     (seqlens_k,) = g.op("Sub", [total_1d, g.const("one_i32", np.array([1], np.int32))])
@@ -218,19 +224,11 @@ def build_graph(w: Weights) -> onnx.ModelProto:
     sin = g.const("rope_sin", np.sin(angles).astype(np.float32))
     to_end, axis_2 = g.ints("to_end", 1 << 62), g.ints("axis_2", 2)
 
-    # One Q8_0 table [V, hidden/32, 32] (as uint8 q + 128, zero point 128) serves the embedding
-    # (rows gathered and dequantised) and the tied head (an 8-bit MatMulNBits).
+    # The Q8_0 table [V, hidden/32, 32] as uint8 q + 128 (zero point 128): the tied head, an
+    # 8-bit MatMulNBits. The embedding lookup happens outside (``embed_tokens.npz``), so that
+    # visual tokens enter the same input as text tokens do.
     table = g.const("embed.q8", (w.embedding.q.astype(np.int16) + 128).astype(np.uint8))
-    row_scales = g.const("embed.row_scales", w.embedding.d[..., None])  # [V, hidden/32, 1]
-    (rows,) = g.op(
-        "GatherBlockQuantized",
-        [table, "input_ids", row_scales],
-        bits=8,
-        block_size=BLOCK,
-        gather_axis=0,
-        quantize_axis=2,
-    )  # [1, T, hidden/32, 32]
-    (x,) = g.op("Reshape", [rows, g.ints("embed.shape", 0, 0, a.hidden)])
+    x = "inputs_embeds"
     residual: str | None = None
     for i, layer in enumerate(w.layers):
         p = f"blk.{i}"
@@ -298,7 +296,8 @@ def _model(g: _Graph, a: Arch) -> onnx.ModelProto:
     f, i64 = TensorProto.FLOAT, TensorProto.INT64
     kv_shape: list[str | int] = [1, a.kv_heads, "P", a.head_dim]
     inputs = [
-        helper.make_tensor_value_info(n, i64, [1, "T"]) for n in ("input_ids", "position_ids")
+        helper.make_tensor_value_info("inputs_embeds", f, [1, "T", a.hidden]),
+        helper.make_tensor_value_info("position_ids", i64, [1, "T"]),
     ]
     outputs = [helper.make_tensor_value_info("logits", f, [1, 1, a.vocab])]
     for i in range(a.layers):
@@ -407,6 +406,7 @@ def save(weights: Weights, tokenizer: Tokenizer, out_dir: Path, source: str) -> 
             location="model.onnx.data",
             size_threshold=1024,
         )
+        np.savez(tmp / EMBEDDINGS, q=weights.embedding.q, scales=weights.embedding.d)
         tokenizer.save(str(tmp / "tokenizer.json"))
         config = {"format_version": FORMAT_VERSION, "source": source, **asdict(weights.arch)}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -52,7 +52,9 @@ from gazecam.llm.tokenizer import (
 )
 from gazecam.models import ModelError, ModelSettings, model_path
 
-FORMAT_VERSION = 1  # of the converted folder; must match engines.smollm2_onnx.FORMAT_VERSION
+EMBEDDINGS = "embed_tokens.npz"  # as engines.smollm2_onnx writes it
+
+FORMAT_VERSION = 2  # of the converted folder; must match engines.smollm2_onnx.FORMAT_VERSION
 CONVERTED_NAME = "smollm2-135m-onnx"
 CONTEXT, LOCAL = "context", "local"
 LOCAL_RESERVE = 512  # positions kept free after the regions for a question and its answer
@@ -78,6 +80,33 @@ class GenerationStats:
     visual_kv_total: int  # region entries in memory
     selected_regions: list[str] = field(default_factory=list)  # for the first decoding step
     stop_reason: StopReason = "max_tokens"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEmbeddings:
+    """The Q8_0 token embedding table, looked up outside the graph (whose input is embeddings,
+    so that a vision encoder's visual tokens enter it as text tokens do)."""
+
+    q: NDArray[np.int8]  # [V, hidden/32, 32]
+    scales: NDArray[np.float32]  # [V, hidden/32]
+
+    @classmethod
+    def load(cls, path: Path) -> TokenEmbeddings:
+        """Read embed_tokens.npz; ModelError naming the file if it is missing or malformed."""
+        try:
+            with np.load(path) as data:
+                q, scales = data["q"], data["scales"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"{path}: no readable token embedding ({exc})") from exc
+        if q.dtype != np.int8 or q.ndim != 3 or scales.shape != q.shape[:2]:
+            raise ModelError(f"{path}: q {q.shape} {q.dtype} and scales {scales.shape} disagree")
+        return cls(q, scales.astype(np.float32))
+
+    def lookup(self, ids: Sequence[int]) -> NDArray[np.float32]:
+        """Embeddings of token ids: [T, hidden], q·d exactly as the graph's head dequantises."""
+        index = np.asarray(ids, np.int64)
+        rows: NDArray[np.float32] = self.q[index] * self.scales[index][..., None]
+        return rows.reshape(len(index), -1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +172,7 @@ class LanguageModel:
             raise ModelError(
                 f"{model_dir}: ONNX Runtime cannot load model.onnx ({first_line})"
             ) from exc
+        self.embeddings = TokenEmbeddings.load(model_dir / EMBEDDINGS)
         c = self.config
         self.layers, self.max_positions = int(c["layers"]), int(c["max_positions"])
         self.probe_layer = int(c["probe_layer"])
@@ -337,7 +367,7 @@ class LanguageModel:
         """Run the graph on new tokens attending to these groups' entries (in this order)."""
         keys, values = self.cache.gather(attend)  # [layers, kv_heads, P, head_dim]
         feed = {
-            "input_ids": np.asarray([ids], np.int64),
+            "inputs_embeds": self.embeddings.lookup(ids)[None],
             "position_ids": np.asarray(positions, np.int64)[None],
         }
         for i in range(self.layers):
