@@ -18,10 +18,11 @@ that line, the lead sentence and the answer share the model's ``LOCAL_RESERVE``.
 
 from __future__ import annotations
 
+import logging
 import time
 from bisect import bisect_right
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,20 +31,25 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gazecam.errors import ConfigError, GazecamError
-from gazecam.llm.decoder import LOCAL_RESERVE, GenerationStats, LanguageModel
-from gazecam.llm.tokenizer import Prompt, context_prompt
-from gazecam.memory import MemorySettings, VisualMemory
-from gazecam.models import ModelSettings, fetch
+from gazecam.llm.decoder import (
+    LOCAL_RESERVE,
+    REGION_MAX_TOKENS,
+    EngineInfo,
+    GenerationStats,
+    LanguageModel,
+)
+from gazecam.llm.settings import LLMSettings
+from gazecam.llm.tokenizer import ChatFormat, Prompt
+from gazecam.memory import MemoryRegion, MemorySettings, VisualMemory
+from gazecam.models import ModelError, ModelSettings, fetch
 from gazecam.perception import Perception
 from gazecam.records import Crop, Region, SourceEvent
 from gazecam.steps import StepEstimate, StepSettings, StepTracker
 from gazecam.tasks import CardTooLargeError, TaskCard, load_task_card
 
 ASSISTANT_MODELS = ("ppocr-det", "ppocr-rec", "yolox-nano", "smollm2-135m-gguf")
+logger = logging.getLogger(__name__)
 BUNDLED_TASKS = {"demo": Path(__file__).parent / "data" / "demo_task.yaml"}
-# A region's line ("- text 'CHECK FUSE', 12 px from the gaze point"): about 15 tokens; an OCR
-# line across a whole 448 px crop stays well under this.
-REGION_MAX_TOKENS = 64
 # The current step's "title. instruction" in the ask prompt: a sentence or two.
 STEP_PROMPT_MAX_TOKENS = 128
 # The least context budget that holds any card: MAX_STEPS step lines cut to their first
@@ -57,7 +63,8 @@ class Engines:
     ``gazecam bench``, reuses them)."""
 
     perception: Perception
-    model: LanguageModel
+    model: LanguageModel  # the text engine, or VisionLanguageModel (a subclass)
+    warning: str | None = None  # why the vlm engine is not the one answering, where it is not
 
 
 def load_task(task: str) -> TaskCard:
@@ -65,14 +72,44 @@ def load_task(task: str) -> TaskCard:
     return load_task_card(BUNDLED_TASKS.get(task, task))
 
 
-def load_engines() -> Engines:
-    """Fetch the assistant's model files where missing (once, checksummed) and load them."""
+def load_engines(
+    llm: LLMSettings | None = None, models: ModelSettings | None = None, fallback: bool = False
+) -> Engines:
+    """Fetch the assistant's model files where missing (once, checksummed) and load them.
+
+    The answer engine is ``llm.engine``'s; unset, vlm when a SmolVLM checkpoint is installed,
+    else text. Where the vlm engine cannot load (no checkpoint, a broken one, no ONNX
+    conversion and no build extra to make it), the text engine answers instead, with the
+    reason in ``Engines.warning``, if ``fallback`` (the service) or if vlm was not asked for
+    by name; otherwise the error is raised.
+    """
     from gazecam.perception import PerceptionSettings, create_perception
 
-    models = ModelSettings()
+    llm, models = llm or LLMSettings(), models or ModelSettings()
     for name in ASSISTANT_MODELS:
         fetch(name, models)
-    return Engines(create_perception(PerceptionSettings(), models), LanguageModel())
+    perception = create_perception(PerceptionSettings(), models)
+    if llm.engine == "text":
+        return Engines(perception, LanguageModel(llm, models))
+    try:
+        from gazecam.vlm.engine import VisionLanguageModel
+        from gazecam.vlm.install import vlm_checkpoint
+
+        checkpoint = vlm_checkpoint(models)
+        if checkpoint is None:
+            if llm.engine is None:
+                return Engines(perception, LanguageModel(llm, models))
+            raise ModelError(
+                "engine vlm: no SmolVLM checkpoint is installed (gazecam models fetch "
+                "smolvlm-256m, gazecam models import smolvlm-256m DIR, or --vlm DIR)"
+            )
+        return Engines(perception, VisionLanguageModel(checkpoint, llm=llm, models=models))
+    except GazecamError as exc:
+        if llm.engine == "vlm" and not fallback:
+            raise
+        warning = f"the vlm engine could not load, the text engine answers: {exc}"
+        logger.warning("%s", warning)
+        return Engines(perception, LanguageModel(llm, models), warning)
 
 
 class QuestionError(GazecamError):
@@ -105,14 +142,20 @@ class AssistantSettings(BaseSettings):
 
 
 class Model(Protocol):
-    """The decoder role: context, region KV groups, and streamed generation."""
+    """The decoder role: the context, what keyframes showed as KV groups, and streamed
+    generation. Backends: ``LanguageModel`` (text regions) and ``VisionLanguageModel``."""
 
     max_positions: int
+    chat: ChatFormat
+    info: EngineInfo
 
+    def memory_tokens(self, memory: MemorySettings) -> tuple[int, str]: ...
     def count_tokens(self, text: str | Prompt) -> int: ...
     def set_context(self, text: str) -> None: ...
-    def add_region(self, region_id: str, text: str, gaze_prior: float) -> None: ...
-    def drop_region(self, region_id: str) -> bool: ...
+    def observe(
+        self, crop: Crop, added: Sequence[MemoryRegion], dropped: Sequence[str]
+    ) -> None: ...
+    def clear_memory(self) -> None: ...
     def generate(
         self, question: str, *, answer_prefix: str = "", top_k_regions: int | None = ...,
         max_tokens: int | None = None, stop: tuple[str, ...] = (),
@@ -140,11 +183,13 @@ class Answer:
     step: StepEstimate
     timings: Timings
     crop: Crop | None
+    engine: EngineInfo  # which engine and weights answered
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object of ``gazecam ask --json`` and the server's answer frame."""
         return {
             "text": self.text,
+            "engine": asdict(self.engine),
             "step": asdict(self.step),
             "timings": asdict(self.timings),
             "crop": crop_json(self.crop),
@@ -230,17 +275,16 @@ def context_text(card: TaskCard, fits: Callable[[str], bool] = lambda _: True) -
         ) from exc
 
 
-def check_positions(settings: AssistantSettings, memory: MemorySettings, positions: int) -> None:
-    """Refuse settings under which the context, a full memory and an ask could overflow the
-    model's ``positions``."""
-    needed = (
-        settings.context_max_tokens + memory.memory_max_regions * REGION_MAX_TOKENS + LOCAL_RESERVE
-    )
+def check_positions(
+    settings: AssistantSettings, memory_tokens: tuple[int, str], positions: int
+) -> None:
+    """Refuse settings under which the context, a full memory (``Model.memory_tokens``: its
+    positions and what sets them) and an ask could overflow the model's ``positions``."""
+    needed = settings.context_max_tokens + memory_tokens[0] + LOCAL_RESERVE
     if needed > positions:
         raise ConfigError(
-            f"GAZECAM_CONTEXT_MAX_TOKENS ({settings.context_max_tokens}) + "
-            f"GAZECAM_MEMORY_MAX_REGIONS ({memory.memory_max_regions}) × {REGION_MAX_TOKENS} "
-            f"tokens + {LOCAL_RESERVE} for the ask need {needed} positions; the language model "
+            f"GAZECAM_CONTEXT_MAX_TOKENS ({settings.context_max_tokens}) + {memory_tokens[1]} "
+            f"+ {LOCAL_RESERVE} for the ask need {needed} positions; the language model "
             f"has {positions}"
         )
 
@@ -266,12 +310,14 @@ class Assistant:
         self.latest_crop: Crop | None = None
         self.latest_regions: list[Region] = []
         self.perception_ms = 0.0
-        check_positions(self.settings, self.memory.settings, model.max_positions)
+        check_positions(
+            self.settings, model.memory_tokens(self.memory.settings), model.max_positions
+        )
         budget = self.settings.context_max_tokens
         self.context = context_text(
-            card, lambda text: model.count_tokens(context_prompt(text)) <= budget
+            card, lambda text: model.count_tokens(model.chat.context(text)) <= budget
         )
-        self.context_tokens = model.count_tokens(context_prompt(self.context))
+        self.context_tokens = model.count_tokens(model.chat.context(self.context))
         # Each step's line for the ask prompt, cut once per card rather than at every ask.
         self._step_lines = [
             self._cut(f"{s.title}. {s.instruction}", STEP_PROMPT_MAX_TOKENS) for s in card.steps
@@ -296,11 +342,8 @@ class Assistant:
         timestamp_ns = crop.matched.frame.timestamp_ns
         self.tracker.observe(regions, timestamp_ns)
         added, dropped = self.memory.add_keyframe(timestamp_ns, regions)
-        for region_id in dropped:
-            self.model.drop_region(region_id)
-        for entry in added:
-            text = self._cut(entry.text, REGION_MAX_TOKENS)
-            self.model.add_region(entry.region_id, text, entry.gaze_prior)
+        lines = [replace(e, text=self._cut(e.text, REGION_MAX_TOKENS)) for e in added]
+        self.model.observe(crop, lines, dropped)
         self.latest_crop, self.latest_regions = crop, regions
         return regions
 
@@ -356,4 +399,5 @@ class Assistant:
             attended_kv=round(sum(decode_steps) / len(decode_steps), 1),
             visual_kv=stats.visual_kv_total,
         )
-        yield Answer((lead + "".join(generated)).strip(), step, timings, self.latest_crop)
+        text = (lead + "".join(generated)).strip()
+        yield Answer(text, step, timings, self.latest_crop, self.model.info)

@@ -24,6 +24,8 @@ from gazecam.bench import BenchCommand
 from gazecam.capture import Capture, CaptureResult, capture
 from gazecam.errors import ConfigError, GazecamError
 from gazecam.export import CropWriter
+from gazecam.llm.settings import EngineName, LLMSettings, engine_settings
+from gazecam.models import ModelSettings
 from gazecam.records import CropMode, SourceEvent
 from gazecam.server.command import ServeCommand
 from gazecam.settings import CaptureSettings, Pace, SourceSettings, settings_problem
@@ -33,6 +35,11 @@ if TYPE_CHECKING:
     from gazecam.assistant import Assistant
     from gazecam.recorder import RecordSummary
 
+ENGINE_HELP = (
+    "Answer engine: text or vlm [GAZECAM_ENGINE; unset: vlm when a SmolVLM checkpoint is "
+    "installed, else text]."
+)
+VLM_HELP = "A SmolVLM checkpoint folder for the vlm engine [GAZECAM_VLM]."
 SOURCE_HELP = (
     "A Neon recording or Pupil Cloud export folder, neon://auto, neon://HOST[:PORT], "
     "or synthetic:NAME (e.g. synthetic:demo)."
@@ -205,8 +212,12 @@ class AskCommand(BaseModel):
     task: str = Field("demo", description="Task card: a YAML file, or 'demo' (bundled).")
     at: float = Field(ge=0, description="Answer at this many seconds into the source.")
     as_json: bool = Field(
-        False, alias="json", description="End with one JSON line: text, step, timings, crop."
+        False,
+        alias="json",
+        description="End with one JSON line: text, engine, step, timings, crop.",
     )
+    engine: EngineName | None = Field(None, description=ENGINE_HELP)
+    vlm: Path | None = Field(None, description=VLM_HELP)
 
     def cli_cmd(self) -> None:
         """Run the command."""
@@ -215,9 +226,9 @@ class AskCommand(BaseModel):
         check_address(self.source)  # before the models load
         _show_warnings()
         answer: Answer | None = None
-        for item in asyncio.run(prepare_assistant(self.source, self.task, self.at)).ask(
-            self.question
-        ):
+        engines = engine_settings(self.engine, self.vlm)
+        assistant = asyncio.run(prepare_assistant(self.source, self.task, self.at, *engines))
+        for item in assistant.ask(self.question):
             if isinstance(item, Answer):
                 answer = item
             else:
@@ -245,7 +256,6 @@ class ModelsCommand(BaseModel):
             CHECKPOINT_LICENCE,
             CHECKPOINTS,
             MODELS,
-            ModelSettings,
             describe,
             fetch,
         )
@@ -340,7 +350,13 @@ async def write_crops(
     return summary
 
 
-async def prepare_assistant(address: str, task: str, at_s: float) -> Assistant:
+async def prepare_assistant(
+    address: str,
+    task: str,
+    at_s: float,
+    llm: LLMSettings | None = None,
+    models: ModelSettings | None = None,
+) -> Assistant:
     """Load the assistant and replay ``address`` into it up to ``at_s`` seconds in.
 
     Each keyframe is perceived as the replay reaches it, as the service does at fixation
@@ -348,7 +364,7 @@ async def prepare_assistant(address: str, task: str, at_s: float) -> Assistant:
     """
     from gazecam.assistant import Assistant, load_engines, load_task
 
-    engines = load_engines()
+    engines = load_engines(llm, models)
     assistant = Assistant(load_task(task), engines.perception, engines.model)
     settings = CaptureSettings()
     source = open_source(address, SourceSettings(pace="fast"))

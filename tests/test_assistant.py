@@ -30,7 +30,7 @@ from gazecam.cli import main
 from gazecam.errors import ConfigError
 from gazecam.llm import LanguageModel, LLMSettings
 from gazecam.llm.decoder import LOCAL_RESERVE
-from gazecam.llm.tokenizer import ChatTokenizer, Prompt, Special, context_prompt
+from gazecam.llm.tokenizer import ChatFormat, ChatTokenizer, Prompt, Special
 from gazecam.memory import MemorySettings
 from gazecam.perception import Perception, create_perception
 from gazecam.records import Box, Region, SourceEvent
@@ -41,6 +41,9 @@ from gazecam.steps import StepEstimate
 from gazecam.tasks import MAX_STEPS, CardTooLargeError, TaskCard, load_task_card
 from tests.perception import require_models
 from tests.test_tasks import long_card_yaml
+
+CHATML = ChatFormat("chatml")
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"  # what the text engine's answers name
 
 CARD = load_task_card(Path(__file__).parents[1] / "gazecam" / "data" / "demo_task.yaml")
 
@@ -112,7 +115,7 @@ def test_a_long_card_is_cut_to_the_context_budget_and_answered(
     real_lm: LanguageModel, perception: Perception
 ) -> None:
     card = TaskCard.from_yaml_text(long_card_yaml(), "long card")
-    assert real_lm.count_tokens(context_prompt(context_text(card))) > 7000  # verbatim
+    assert real_lm.count_tokens(CHATML.context(context_text(card))) > 7000  # verbatim
     assistant = Assistant(card, perception, real_lm)
     budget = AssistantSettings().context_max_tokens
     # What the model prefilled (and what its prefill buffers grow with) is within the budget.
@@ -148,17 +151,18 @@ def test_a_card_that_cannot_fit_even_cut_is_refused(real_lm: LanguageModel) -> N
     steps = [{"title": f"Step number {i}", "instruction": "Do it."} for i in range(MAX_STEPS)]
     card = TaskCard.model_validate({"name": "Many steps", "steps": steps})
     with pytest.raises(CardTooLargeError, match="its 50 steps do not fit the context even cut"):
-        context_text(card, lambda text: real_lm.count_tokens(context_prompt(text)) <= 200)
+        context_text(card, lambda text: real_lm.count_tokens(CHATML.context(text)) <= 200)
     # The least budget the settings allow holds every step, cut.
     fits = MIN_CONTEXT_TOKENS
-    text = context_text(card, lambda text: real_lm.count_tokens(context_prompt(text)) <= fits)
+    text = context_text(card, lambda text: real_lm.count_tokens(CHATML.context(text)) <= fits)
     assert all(f"\n{i}. S" in text for i in range(1, MAX_STEPS + 1))
 
 
-def test_settings_that_could_overflow_the_positions_are_refused() -> None:
-    check_positions(AssistantSettings(), MemorySettings(), 8192)
+def test_settings_that_could_overflow_the_positions_are_refused(real_lm: LanguageModel) -> None:
+    memory = real_lm.memory_tokens(MemorySettings())
+    check_positions(AssistantSettings(), memory, 8192)
     with pytest.raises(ConfigError) as caught:
-        check_positions(AssistantSettings(context_max_tokens=4096), MemorySettings(), 8192)
+        check_positions(AssistantSettings(context_max_tokens=4096), memory, 8192)
     assert str(caught.value) == (
         "GAZECAM_CONTEXT_MAX_TOKENS (4096) + GAZECAM_MEMORY_MAX_REGIONS (64) × 64 tokens + 512 "
         "for the ask need 8704 positions; the language model has 8192"
@@ -198,7 +202,7 @@ def test_the_bench_prompts_encode_as_before(demo_run, real_dir: Path, monkeypatc
         ask(assistant, question)
     monkeypatch.undo()
     assert len(asked) == len(QUESTIONS)
-    for prompt in [context_prompt(assistant.context), *asked]:
+    for prompt in [CHATML.context(assistant.context), *asked]:
         text = "".join(p if isinstance(p, str) else p.token for p in prompt)
         assert tokenizer.encode_prompt(prompt) == before.encode(text, add_special_tokens=False).ids
 
@@ -221,7 +225,7 @@ def test_special_tokens_in_a_card_or_question_are_plain_text(
     for prompt in prompts:
         template = [tokenizer.encode_prompt((p,)) for p in prompt if isinstance(p, Special)]
         assert [[t] for t in tokenizer.encode_prompt(prompt) if t < 17] == template
-    context = tokenizer.encode_prompt(context_prompt(assistant.context))
+    context = tokenizer.encode_prompt(CHATML.context(assistant.context))
     question = tokenizer.encode_prompt(prompts[-1])
     assert [t for t in context if t < 17] == [1] and context[0] == 1
     assert [t for t in question if t < 17] == [2, 1, 2, 1] and question[:3:2] == [2, 1]
@@ -252,7 +256,8 @@ def test_what_step_am_i_on(demo_run) -> None:  # type: ignore[no-untyped-def]
     assert 0 < t.attended_kv < t.visual_kv
     assert answer.crop is not None and answer.crop.box.width_px == 448
     blob = answer.to_json()
-    assert set(blob) == {"text", "step", "timings", "crop"}
+    assert set(blob) == {"text", "engine", "step", "timings", "crop"}
+    assert blob["engine"] == {"engine": "text", "model": GGUF_NAME, "random_weights": False}
     assert blob["step"]["index"] == 6 and len(blob["crop"]["box"]) == 4
     json.dumps(blob)
 

@@ -39,18 +39,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gazecam.errors import ConfigError, MissingDependencyError
-from gazecam.llm.kv import KVCache, KVGroup
+from gazecam.llm.kv import GroupKind, KVCache, KVGroup
 from gazecam.llm.sampling import sample, stream_piece
 from gazecam.llm.settings import LLMSettings
 from gazecam.llm.sparse import region_scores, select
-from gazecam.llm.tokenizer import (
-    ChatTokenizer,
-    Prompt,
-    context_prompt,
-    question_prompt,
-    region_prompt,
-)
+from gazecam.llm.tokenizer import ChatTokenizer, Prompt, chat_format, region_prompt
+from gazecam.memory import MemoryRegion, MemorySettings
 from gazecam.models import ModelError, ModelSettings, model_path
+from gazecam.records import Crop
 
 EMBEDDINGS = "embed_tokens.npz"  # as engines.smollm2_onnx writes it
 
@@ -58,6 +54,9 @@ FORMAT_VERSION = 2  # of the converted folder; must match engines.smollm2_onnx.F
 CONVERTED_NAME = "smollm2-135m-onnx"
 CONTEXT, LOCAL = "context", "local"
 LOCAL_RESERVE = 512  # positions kept free after the regions for a question and its answer
+# A region's line ("- text 'CHECK FUSE', 12 px from the gaze point"): about 15 tokens; an OCR
+# line across a whole 448 px crop stays well under this (the assistant cuts longer ones).
+REGION_MAX_TOKENS = 64
 StopReason = Literal["eos", "stop", "max_tokens"]
 
 
@@ -80,6 +79,25 @@ class GenerationStats:
     visual_kv_total: int  # region entries in memory
     selected_regions: list[str] = field(default_factory=list)  # for the first decoding step
     stop_reason: StopReason = "max_tokens"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """Which engine and weights answer: what answers and ``/v1/status`` report."""
+
+    engine: Literal["text", "vlm"]
+    model: str  # the checkpoint's name, e.g. smollm2-135m-gguf or random-smolvlm-256m
+    random_weights: bool  # a random-weight checkpoint (tests, latency figures): no answers
+
+
+@dataclass(frozen=True, slots=True)
+class UnitGroup:
+    """One KV group of a unit prefilled in one pass (``LanguageModel.add_unit``)."""
+
+    group_id: str
+    kind: GroupKind  # "frame" (always attended) or "region" (chosen per step)
+    tokens: NDArray[np.int64]  # which of the unit's tokens it holds
+    gaze_prior: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +171,8 @@ class LanguageModel:
             self.config: dict[str, Any] = json.loads((model_dir / "config.json").read_text())
         except (OSError, ValueError) as exc:
             raise ModelError(f"{model_dir}: no readable config.json ({exc})") from exc
-        self.tokenizer = ChatTokenizer.load(model_dir / "tokenizer.json")
+        self.chat = chat_format(str(self.config.get("chat_format", "chatml")))
+        self.tokenizer = ChatTokenizer.load(model_dir / "tokenizer.json", self.chat)
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -182,6 +201,25 @@ class LanguageModel:
         ]
         self._lock = threading.RLock()
         self._context_text: str | None = None
+        self.info = EngineInfo(
+            "text",
+            str(c.get("name") or c.get("source")),
+            bool(c.get("random_weights", c.get("source") == "random")),
+        )
+
+    def memory_tokens(self, memory: MemorySettings) -> tuple[int, str]:
+        """The most positions a full visual memory takes (its regions' lines), and why."""
+        return (
+            memory.memory_max_regions * REGION_MAX_TOKENS,
+            f"GAZECAM_MEMORY_MAX_REGIONS ({memory.memory_max_regions}) × {REGION_MAX_TOKENS} "
+            "tokens",
+        )
+
+    def clear_memory(self) -> None:
+        """Forget every keyframe's visual KV (the context stays)."""
+        with self._lock:
+            for unit in self.cache.units(("frame", "region")):
+                self.cache.drop_unit(unit)
 
     @property
     def region_ids(self) -> list[str]:
@@ -189,7 +227,7 @@ class LanguageModel:
         return [g.group_id.removeprefix("region:") for g in self.cache.of_kind("region")]
 
     def count_tokens(self, text: str | Prompt) -> int:
-        """Tokens in text, or in a prompt (``set_context`` prefills ``context_prompt(text)``)."""
+        """Tokens in text, or in a prompt (``set_context`` prefills ``chat.context(text)``)."""
         return len(
             self.tokenizer.encode(text)
             if isinstance(text, str)
@@ -207,12 +245,12 @@ class LanguageModel:
         with self._lock:
             if text == self._context_text:
                 return
-            ids = self.tokenizer.encode_prompt(context_prompt(text))
+            ids = self.tokenizer.encode_prompt(self.chat.context(text))
             self._check_positions(len(ids))
-            step = self._forward(ids, np.arange(len(ids)), [])
+            step = self._forward(self.embeddings.lookup(ids), np.arange(len(ids)), [])
             self.cache.drop(CONTEXT)
             self.cache.put(CONTEXT, "context", step.keys, step.values, np.arange(len(ids)))
-            self._pack_regions()
+            self._pack()
             self._context_text = text
 
     def add_region(self, region_id: str, text: str, gaze_prior: float) -> None:
@@ -222,21 +260,44 @@ class LanguageModel:
         already in memory is replaced. ``gaze_prior`` (0..1) is the gaze's vote for it.
         """
         ids = self.tokenizer.encode_prompt(region_prompt(text))
+        group = UnitGroup(f"region:{region_id}", "region", np.arange(len(ids)), gaze_prior)
+        self.add_unit(f"region:{region_id}", self.embeddings.lookup(ids), [group])
+
+    def add_unit(self, unit: str, embeds: NDArray[np.float32], groups: Sequence[UnitGroup]) -> None:
+        """Prefill a sequence ([T, hidden]: token embeddings, visual tokens) in ONE pass that
+        attends to the context only, and keep its entries as these groups (each names the
+        tokens it holds; together they cover the sequence). A unit already in memory is
+        replaced. Its positions continue after the context and the units in memory.
+        """
         with self._lock:
-            key = f"region:{region_id}"
-            self.cache.drop(key)
+            self.cache.drop_unit(unit)
             start = self.cache.end_position()
-            if start + len(ids) > self.max_positions - LOCAL_RESERVE:
-                start = self._pack_regions()
-            self._check_positions(start + len(ids))
-            positions = np.arange(start, start + len(ids))
-            step = self._forward(ids, positions, self.cache.of_kind("context"))
-            self.cache.put(key, "region", step.keys, step.values, positions, float(gaze_prior))
+            if start + len(embeds) > self.max_positions - LOCAL_RESERVE:
+                start = self._pack()
+            self._check_positions(start + len(embeds))
+            positions = np.arange(start, start + len(embeds))
+            step = self._forward(embeds, positions, self.cache.of_kind("context"))
+            for g in groups:
+                self.cache.put(
+                    g.group_id, g.kind, step.keys[:, :, g.tokens], step.values[:, :, g.tokens],
+                    positions[g.tokens], g.gaze_prior, unit,
+                )  # fmt: skip
+
+    def drop_unit(self, unit: str) -> bool:
+        """Forget a unit's KV entries; False if it was not in memory."""
+        with self._lock:
+            return self.cache.drop_unit(unit) > 0
+
+    def observe(self, crop: Crop, added: Sequence[MemoryRegion], dropped: Sequence[str]) -> None:
+        """A keyframe's changes to the visual memory: its regions' lines in, old ones out."""
+        for region_id in dropped:
+            self.drop_region(region_id)
+        for entry in added:
+            self.add_region(entry.region_id, entry.text, entry.gaze_prior)
 
     def drop_region(self, region_id: str) -> bool:
         """Forget a region's KV entries; False if it was not in memory."""
-        with self._lock:
-            return self.cache.drop(f"region:{region_id}")
+        return self.drop_unit(f"region:{region_id}")
 
     def generate(
         self,
@@ -265,7 +326,7 @@ class LanguageModel:
         if isinstance(top_k_regions, _Unset):
             top_k_regions = s.llm_top_k_regions or None
         return self._generate(
-            (*question_prompt(question), answer_prefix.rstrip()),
+            self.chat.question(question, answer_prefix),
             answer_prefix != answer_prefix.rstrip(),
             top_k_regions,
             s.llm_max_tokens if max_tokens is None else max_tokens,
@@ -294,10 +355,12 @@ class LanguageModel:
             self._check_positions(position + len(ids))
             max_tokens = min(max_tokens, self.max_positions - position - len(ids))
             positions = np.arange(position, position + len(ids))
-            context, regions = self.cache.of_kind("context"), self.cache.of_kind("region")
-            step = self._forward(ids, positions, [*context, *regions])
+            frames, regions = self.cache.of_kind("frame"), self.cache.of_kind("region")
+            context = [*self.cache.of_kind("context"), *frames]  # always attended
+            step = self._forward(self.embeddings.lookup(ids), positions, [*context, *regions])
             self.cache.put(LOCAL, "local", step.keys, step.values, positions)
-            attended = [sum(g.size for g in regions)]
+            frame_kv = sum(g.size for g in frames)
+            attended = [frame_kv + sum(g.size for g in regions)]
             chosen = self._choose(step.probe, regions, k)
         selected = [g.group_id.removeprefix("region:") for g in chosen]
         position += len(ids)
@@ -322,14 +385,19 @@ class LanguageModel:
             if len(generated) == max_tokens:
                 break
             with self._lock:  # groups may have come and gone since the last step
-                context = self.cache.of_kind("context")
+                frames = self.cache.of_kind("frame")
+                context = [*self.cache.of_kind("context"), *frames]
                 local = self.cache.groups[LOCAL]
                 # The previous step's probe query chooses (for the first step, the question's:
                 # the same choice unless regions changed meanwhile).
                 chosen = self._choose(step.probe, self.cache.of_kind("region"), k)
-                step = self._forward([token], np.array([position]), [*context, *chosen, local])
+                step = self._forward(
+                    self.embeddings.lookup([token]),
+                    np.array([position]),
+                    [*context, *chosen, local],
+                )
                 self.cache.put(LOCAL, "local", step.keys, step.values, np.array([position]))
-            attended.append(sum(g.size for g in chosen))
+            attended.append(sum(g.size for g in frames) + sum(g.size for g in chosen))
             position += 1
         if reason != "stop" and emitted < len(text := self._text(generated, strip_leading_space)):
             yield text[emitted:]  # held back for a stop string that did not come
@@ -340,7 +408,7 @@ class LanguageModel:
             ttft_ms=(token_times[0] - started) * 1e3 if token_times else 0.0,
             tpot_ms=float(intervals.mean()) * 1e3 if intervals.size else 0.0,
             attended_visual_kv=attended,
-            visual_kv_total=self.cache.entries("region"),
+            visual_kv_total=self.cache.entries("region") + self.cache.entries("frame"),
             selected_regions=selected,
             stop_reason=reason,
         )
@@ -362,12 +430,13 @@ class LanguageModel:
         return [regions[i] for i in select(region_scores(probe, keys, sizes, priors, weight), k)]
 
     def _forward(
-        self, ids: Sequence[int], positions: NDArray[np.int64], attend: Sequence[KVGroup]
+        self, embeds: NDArray[np.float32], positions: NDArray[np.int64], attend: Sequence[KVGroup]
     ) -> _Step:
-        """Run the graph on new tokens attending to these groups' entries (in this order)."""
+        """Run the graph on new tokens ([T, hidden] embeddings) attending to these groups'
+        entries (in this order)."""
         keys, values = self.cache.gather(attend)  # [layers, kv_heads, P, head_dim]
         feed = {
-            "inputs_embeds": self.embeddings.lookup(ids)[None],
+            "inputs_embeds": np.ascontiguousarray(embeds, np.float32)[None],
             "position_ids": np.asarray(positions, np.int64)[None],
         }
         for i in range(self.layers):
@@ -381,12 +450,17 @@ class LanguageModel:
             probe=out[1][0],
         )
 
-    def _pack_regions(self) -> int:
-        """Move the regions in memory right after the context, in order; their new end."""
+    def _pack(self) -> int:
+        """Move the units in memory right after the context, in order, each keeping its own
+        layout (its groups' positions may interleave); their new end."""
         position = self.cache.end_position(("context",))
-        for group in self.cache.of_kind("region"):
-            self.cache.shift(group, position - int(group.positions.min()))
-            position += group.size
+        units = self.cache.units(("frame", "region")).values()
+        for groups in sorted(units, key=lambda gs: min(int(g.positions.min()) for g in gs)):
+            start = min(int(g.positions.min()) for g in groups)
+            span = max(g.end_position for g in groups) - start
+            for g in groups:
+                self.cache.shift(g, position - start)
+            position += span
         return position
 
     def _check_positions(self, end: int) -> None:

@@ -5,8 +5,15 @@ Entries live in two arrays ``keys``/``values`` of shape [layers, kv_heads, capac
 RoPE positions of its tokens. Groups:
 
 - ``context``: the always-kept text (system prompt, task card, current step);
-- ``region``: one per visual region, with the gaze prior perception gave it;
+- ``frame``: a keyframe's always-attended visual tokens (the vision-language engine's
+  whole-frame thumbnail and the image's marker tokens: peripheral vision);
+- ``region``: one per visual region, with the gaze prior perception gave it (a line of text,
+  or a block of a keyframe's visual tokens);
 - ``local``: the question and the generated tokens.
+
+Groups prefilled together in one pass (a keyframe's frame and region groups) form a ``unit``:
+they are moved and forgotten together, and their positions may interleave (a 2×2 block of an
+image's token grid is not contiguous in the sequence).
 
 The model attends to any subset: ``gather`` copies the chosen groups' entries into contiguous
 [layers, kv_heads, P, head_dim] arrays, in the order given. Keys are cached already rotated, so a
@@ -25,7 +32,7 @@ from typing import Literal
 import numpy as np
 from numpy.typing import NDArray
 
-GroupKind = Literal["context", "region", "local"]
+GroupKind = Literal["context", "frame", "region", "local"]
 F32 = NDArray[np.float32]
 
 
@@ -38,6 +45,7 @@ class KVGroup:
     slots: NDArray[np.int64]  # [n]: where its entries live in the cache arrays
     positions: NDArray[np.int64]  # [n]: their RoPE positions
     gaze_prior: float = 0.0  # regions: 0..1, 1 = under the gaze point
+    unit: str = ""  # the groups prefilled with it in one pass ("": only itself)
 
     @property
     def size(self) -> int:
@@ -75,6 +83,7 @@ class KVCache:
         values: F32,
         positions: NDArray[np.int64],
         gaze_prior: float = 0.0,
+        unit: str = "",
     ) -> KVGroup:
         """Store new entries ([layers, kv_heads, T, head_dim], T positions) in a group.
 
@@ -86,7 +95,9 @@ class KVCache:
         self.values[:, :, slots] = values
         group = self.groups.get(group_id)
         if group is None:
-            group = self.groups[group_id] = KVGroup(group_id, kind, slots, positions, gaze_prior)
+            group = self.groups[group_id] = KVGroup(
+                group_id, kind, slots, positions, gaze_prior, unit or group_id
+            )
         else:
             group.slots = np.concatenate([group.slots, slots])
             group.positions = np.concatenate([group.positions, positions])
@@ -100,6 +111,21 @@ class KVCache:
         self._used[group.slots] = False
         return True
 
+    def drop_unit(self, unit: str) -> int:
+        """Forget every group of a unit; how many there were."""
+        members = [g.group_id for g in self.groups.values() if g.unit == unit]
+        for group_id in members:
+            self.drop(group_id)
+        return len(members)
+
+    def units(self, kinds: Sequence[GroupKind]) -> dict[str, list[KVGroup]]:
+        """The groups of these kinds by unit, units in insertion order."""
+        units: dict[str, list[KVGroup]] = {}
+        for g in self.groups.values():
+            if g.kind in kinds:
+                units.setdefault(g.unit, []).append(g)
+        return units
+
     def of_kind(self, kind: GroupKind) -> list[KVGroup]:
         """The groups of one kind, oldest first."""
         return [g for g in self.groups.values() if g.kind == kind]
@@ -108,7 +134,7 @@ class KVCache:
         """Total entries in the groups of one kind."""
         return sum(g.size for g in self.of_kind(kind))
 
-    def end_position(self, kinds: Sequence[GroupKind] = ("context", "region")) -> int:
+    def end_position(self, kinds: Sequence[GroupKind] = ("context", "frame", "region")) -> int:
         """One past the last position used by groups of these kinds."""
         return max((g.end_position for g in self.groups.values() if g.kind in kinds), default=0)
 

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gazecam.models import ModelSettings
+
+EngineName = Literal["text", "vlm"]
 
 
 class LLMSettings(BaseSettings):
@@ -13,6 +18,13 @@ class LLMSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="GAZECAM_", extra="ignore")
 
+    engine: EngineName | None = Field(
+        None,
+        description="The answer engine: 'text' (perception's regions as text, SmolLM2-135M) "
+        "or 'vlm' (a SmolVLM checkpoint's visual tokens as gaze regions); unset: vlm when a "
+        "SmolVLM checkpoint is installed (gazecam models fetch/import, or GAZECAM_VLM), else "
+        "text.",
+    )
     llm_model_dir: Path | None = Field(
         None,
         description="A converted model folder (model.onnx, tokenizer.json, config.json); "
@@ -60,3 +72,13 @@ class LLMSettings(BaseSettings):
         description="Weight of a region's gaze prior (0..1) against its z-normalised relevance "
         "to the query when regions are chosen.",
     )
+
+
+def engine_settings(
+    engine: EngineName | None, vlm: Path | None
+) -> tuple[LLMSettings, ModelSettings]:
+    """The settings that ``--engine`` and ``--vlm`` set; a flag left out (None) keeps the
+    environment's ``GAZECAM_ENGINE`` / ``GAZECAM_VLM``."""
+    llm = LLMSettings(engine=engine) if engine is not None else LLMSettings()
+    models = ModelSettings(vlm=vlm) if vlm is not None else ModelSettings()
+    return llm, models

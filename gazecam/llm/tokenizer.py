@@ -1,4 +1,4 @@
-"""The chat tokenizer: tokenizer.json (built from the GGUF by the converter) and the template.
+"""The chat tokenizer: tokenizer.json (built from the GGUF by the converter) and the templates.
 
 SmolLM2's chat template (ChatML)::
 
@@ -14,6 +14,11 @@ The runtime splits that prompt into independently prefilled pieces: the context 
 system message, each region is one line inside it, and the question piece closes it, so that
 ``context_prompt(c) + region_prompt(r1) + ... + question_prompt(q)`` encodes as
 ``chat_prompt([("system", c + "\\n" + r1 + ...), ("user", q)])``.
+
+SmolVLM's template (``ChatFormat("smolvlm")``) is ``<|im_start|>System: {system}<end_of_utterance>
+\\nUser:{images}{question}<end_of_utterance>\\nAssistant:``: the context piece ends with
+``User:``, each keyframe's image sequence follows (``gazecam.vlm.engine``), and the question
+piece closes the message.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
+from typing import Literal
 
 from tokenizers import Tokenizer
 
@@ -40,6 +46,7 @@ IM_START, IM_END, END_OF_TEXT = (
     Special("<|im_end|>"),
     Special("<|endoftext|>"),
 )
+END_OF_UTTERANCE = Special("<end_of_utterance>")  # SmolVLM's end of a message
 
 # Text and the template's special tokens, in order (a tuple, so that a str is not taken for one).
 Prompt = tuple[str | Special, ...]
@@ -77,10 +84,45 @@ def question_prompt(question: str) -> Prompt:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ChatFormat:
+    """How a model family's chat template splits into the runtime's pieces: ``chatml``
+    (SmolLM2) or ``smolvlm`` (SmolVLM, Idefics3)."""
+
+    name: Literal["chatml", "smolvlm"]
+
+    @property
+    def stop(self) -> tuple[Special, ...]:
+        """The tokens that end an answer."""
+        return (IM_END, END_OF_TEXT) if self.name == "chatml" else (END_OF_UTTERANCE, END_OF_TEXT)
+
+    def context(self, text: str) -> Prompt:
+        """The always-kept context piece."""
+        if self.name == "chatml":
+            return context_prompt(text)
+        return (IM_START, f"System: {text.strip()}", END_OF_UTTERANCE, "\nUser:")
+
+    def question(self, question: str, answer_prefix: str = "") -> Prompt:
+        """The question piece: closes what the context opened, asks, opens the answer and
+        writes its start (without trailing whitespace: BPE words carry their leading space)."""
+        prefix = answer_prefix.rstrip()
+        if self.name == "chatml":
+            return (*question_prompt(question), prefix)
+        # The model writes " answer" after "Assistant:"; the prefix is that answer's start.
+        return (question.strip(), END_OF_UTTERANCE, "\nAssistant:", f" {prefix}" if prefix else "")
+
+
+def chat_format(name: str) -> ChatFormat:
+    """The format a converted model's config.json names; ModelError for an unknown one."""
+    if name not in ("chatml", "smolvlm"):
+        raise ModelError(f"chat format {name!r} is not known (chatml, smolvlm)")
+    return ChatFormat(name)  # type: ignore[arg-type]  # checked just above
+
+
 class ChatTokenizer:
     """Byte-level BPE encode/decode with the ChatML special tokens."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, chat: ChatFormat = ChatFormat("chatml")) -> None:
         # Text never splits out added tokens: encode_special_tokens covers the special ones,
         # and a tokenizer with any other added token is refused.
         plain = [t.content for t in tokenizer.get_added_tokens_decoder().values() if not t.special]
@@ -89,24 +131,29 @@ class ChatTokenizer:
         tokenizer.encode_special_tokens = True
         self._tokenizer = tokenizer
         self.im_start_id, self.im_end_id, self.end_of_text_id = (
-            self._special_id(t) for t in (IM_START, IM_END, END_OF_TEXT)
+            self.special_id(t) for t in (IM_START, IM_END, END_OF_TEXT)
         )
-        # Generation ends at <|im_end|> (the answer's end) or <|endoftext|>.
-        self.stop_ids = frozenset({self.im_end_id, self.end_of_text_id})
+        # Generation ends at the end of the answer's message, or <|endoftext|>.
+        self.chat = chat
+        self.stop_ids = frozenset(self.special_id(t) for t in chat.stop)
 
-    def _special_id(self, special: Special) -> int:
+    def special_id(self, special: Special) -> int:
         token_id = self._tokenizer.token_to_id(special.token)
         if token_id is None:
-            raise ModelError(f"tokenizer has no ChatML special token {special.token}")
+            raise ModelError(f"tokenizer has no special token {special.token}")
         return int(token_id)
 
     @classmethod
-    def load(cls, path: Path) -> ChatTokenizer:
+    def load(cls, path: Path, chat: ChatFormat = ChatFormat("chatml")) -> ChatTokenizer:
         """Load a tokenizer.json; ModelError if it is missing or unreadable."""
         try:
-            return cls(Tokenizer.from_file(str(path)))
+            tokenizer = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises plain Exception subclasses
             raise ModelError(f"{path}: cannot load the tokenizer ({exc})") from exc
+        try:
+            return cls(tokenizer, chat)
+        except ModelError as exc:
+            raise ModelError(f"{path}: {exc}") from exc
 
     @property
     def vocab_size(self) -> int:
@@ -128,7 +175,7 @@ class ChatTokenizer:
             if is_text:
                 ids += self.encode("".join(p for p in run if isinstance(p, str)))
             else:
-                ids += (self._special_id(p) for p in run if isinstance(p, Special))
+                ids += (self.special_id(p) for p in run if isinstance(p, Special))
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

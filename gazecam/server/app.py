@@ -12,12 +12,15 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from gazecam import __version__
 from gazecam.assistant import AssistantSettings, Engines, load_engines, load_task
+from gazecam.llm.settings import LLMSettings
+from gazecam.models import ModelSettings
 from gazecam.server.errors import install_error_handlers
 from gazecam.server.logs import redact_secrets_in_logs
 from gazecam.server.metrics import Metrics
@@ -58,7 +61,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loaded = engines if engines is not None else await asyncio.to_thread(load_engines)
+        loaded = (
+            engines
+            if engines is not None
+            else await asyncio.to_thread(partial(load_engines, fallback=True))
+        )
         runtime = await asyncio.to_thread(
             Runtime,
             settings,
@@ -101,12 +108,18 @@ def create_app(
     return app
 
 
-def serve(settings: ServerSettings) -> None:
-    """Run the service on uvicorn until interrupted (Ctrl-C, SIGTERM)."""
+def serve(
+    settings: ServerSettings, llm: LLMSettings | None = None, models: ModelSettings | None = None
+) -> None:
+    """Run the service on uvicorn until interrupted (Ctrl-C, SIGTERM).
+
+    ``llm``, ``models``: the answer engine's settings (``--engine``, ``--vlm``). Where the vlm
+    engine cannot load, the text engine answers and ``/v1/status`` says why.
+    """
     import uvicorn
 
     # Loaded before uvicorn starts, so that a missing model ends the command with one line.
-    app = create_app(settings, engines=load_engines())
+    app = create_app(settings, engines=load_engines(llm, models, fallback=True))
     uvicorn.run(
         app,
         host=settings.host,

@@ -7,11 +7,13 @@ every command, and the service is imported only when it runs.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
 from gazecam.errors import ConfigError
+from gazecam.llm.settings import EngineName, engine_settings
 from gazecam.server.settings import ServerSettings
 from gazecam.settings import settings_problem
 
@@ -34,6 +36,15 @@ class ServeCommand(BaseModel):
         "[GAZECAM_HOST, 127.0.0.1].",
     )
     port: int | None = Field(None, description="TCP port [GAZECAM_PORT, 8000].")
+    engine: EngineName | None = Field(
+        None,
+        description="Answer engine: text or vlm; a vlm engine that cannot load falls back to "
+        "text, with a warning in /v1/status [GAZECAM_ENGINE; unset: vlm when a SmolVLM "
+        "checkpoint is installed, else text].",
+    )
+    vlm: Path | None = Field(
+        None, description="A SmolVLM checkpoint folder for the vlm engine [GAZECAM_VLM]."
+    )
 
     def cli_cmd(self) -> None:
         """Run the service until interrupted."""
@@ -54,4 +65,4 @@ class ServeCommand(BaseModel):
             # Every field of the command is a flag for the setting of its name.
             raise ConfigError(settings_problem(exc, {f: f for f in flags})) from exc
         logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-        serve(settings)
+        serve(settings, *engine_settings(self.engine, self.vlm))

@@ -136,12 +136,11 @@ class Runtime:
         self.pipeline.start()
 
     async def stop(self) -> None:
-        """Stop capture, wait for work under way, and take this assistant's regions out of
-        the model (the model outlives it)."""
+        """Stop capture, wait for work under way, and take what the keyframes showed out of
+        the model's KV cache (the model outlives this runtime)."""
         await self.pipeline.stop()
         await asyncio.to_thread(self._generation.shutdown, True)
-        for entry in self.assistant.memory.regions():
-            self.engines.model.drop_region(entry.region_id)
+        self.engines.model.clear_memory()
 
     def _observe_keyframe(self, crop: Crop) -> None:
         with self._tracker_lock:
@@ -313,8 +312,10 @@ class Runtime:
                 "last_error": pipeline.last_error,
             },
             "model": {
+                **asdict(self.engines.model.info),
                 "language_model": self.engines.model.config.get("source"),
                 "regions_in_memory": len(self.assistant.memory),
+                "warning": self.engines.warning,
             },
             "task": {"name": self.assistant.card.name, "steps": len(self.assistant.card.steps)},
             "step": asdict(self.step()),

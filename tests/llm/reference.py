@@ -61,12 +61,13 @@ class Reference:
 
     def forward(
         self,
-        ids: list[int],
+        ids: list[int] | F32,
         positions: list[int],
         mask: NDArray[np.bool_],
         rope_pairs: Literal["adjacent", "halves"] = "adjacent",
     ) -> Output:
-        """Run the model on ids at positions; mask[i, j]: token i sees token j.
+        """Run the model on ids (or their embeddings [S, hidden]) at positions; mask[i, j]:
+        token i sees token j.
 
         ``rope_pairs``: RoPE rotates dims (2i, 2i + 1) as llama.cpp's GGUF layout needs, or
         (i, i + 32) as HF's layout does (a wrong choice for GGUF weights).
@@ -74,8 +75,7 @@ class Reference:
         c = self.config
         heads, kv_heads, hd = int(c["heads"]), int(c["kv_heads"]), int(c["head_dim"])
         eps = c["rms_eps"]
-        emb = self.embedding()
-        x = emb[np.asarray(ids)]
+        x = self.embedding()[np.asarray(ids)] if isinstance(ids, list) else ids
         pos = np.asarray(positions, np.float64)[:, None]
         angles = pos * c["rope_base"] ** (-np.arange(0, hd, 2) / hd)  # [S, 32]
         cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
@@ -117,4 +117,5 @@ class Reference:
             h = rms(x, self.tensors[f"{p}.ffn_norm"])
             gate, up = np.split(h @ self.linear(f"{p}.gate_up").T, 2, axis=-1)
             x = x + (gate / (1 + np.exp(-gate)) * up) @ self.linear(f"{p}.down").T
-        return Output(rms(x, self.tensors["output_norm"]) @ emb.T, keys, probe)
+        head = self.embedding()  # tied
+        return Output(rms(x, self.tensors["output_norm"]) @ head.T, keys, probe)

@@ -15,7 +15,7 @@ from engines.smollm2_onnx import FORMAT_VERSION
 from gazecam.errors import MissingDependencyError
 from gazecam.llm import LanguageModel, LLMSettings
 from gazecam.llm import decoder as decoder_module
-from gazecam.llm.decoder import LOCAL_RESERVE, converted_model_dir
+from gazecam.llm.decoder import LOCAL_RESERVE, UnitGroup, converted_model_dir
 from gazecam.llm.kv import KVCache, KVGroup
 from gazecam.llm.sampling import sample, stream_piece
 from gazecam.models import ModelSettings
@@ -36,7 +36,7 @@ REGIONS = {
 class Call:
     """One forward of the graph, as the runtime made it."""
 
-    ids: list[int]
+    embeds: np.ndarray  # [T, hidden]: the new tokens' embeddings
     positions: list[int]
     attend: list[str]  # group ids, in the order their entries were given
     logits: np.ndarray
@@ -47,9 +47,9 @@ def record(lm: LanguageModel, monkeypatch: pytest.MonkeyPatch) -> list[Call]:
     calls: list[Call] = []
     forward = lm._forward
 
-    def spy(ids: list[int], positions: np.ndarray, attend: list[KVGroup]) -> object:
-        step = forward(ids, positions, attend)
-        calls.append(Call(list(ids), positions.tolist(), [g.group_id for g in attend], step.logits))
+    def spy(embeds: np.ndarray, positions: np.ndarray, attend: list[KVGroup]) -> object:
+        step = forward(embeds, positions, attend)
+        calls.append(Call(embeds, positions.tolist(), [g.group_id for g in attend], step.logits))
         return step
 
     monkeypatch.setattr(lm, "_forward", spy)
@@ -68,20 +68,20 @@ def reference_logits(model_dir: Path, calls: list[Call]) -> list[np.ndarray]:
     group_of_call = ["context", *(f"region:{r}" for r in REGIONS)]
     group_of_call += ["local"] * (len(calls) - len(group_of_call))
     indices: dict[str, list[int]] = {}
-    ids, positions, visible, last = [], [], [], []
+    embeds, positions, visible, last = [], [], [], []
     for call, group in zip(calls, group_of_call, strict=True):
         seen = [i for g in call.attend for i in indices.get(g, [])]
-        start = len(ids)
-        for t in range(len(call.ids)):
+        start = len(positions)
+        for t in range(len(call.embeds)):
             visible.append([*seen, *range(start, start + t + 1)])
-        ids += call.ids
+        embeds.append(call.embeds)
         positions += call.positions
-        indices.setdefault(group, []).extend(range(start, len(ids)))
-        last.append(len(ids) - 1)
-    mask = np.zeros((len(ids), len(ids)), bool)
+        indices.setdefault(group, []).extend(range(start, len(positions)))
+        last.append(len(positions) - 1)
+    mask = np.zeros((len(positions), len(positions)), bool)
     for i, row in enumerate(visible):
         mask[i, row] = True
-    logits = Reference.load(model_dir).forward(ids, positions, mask).logits
+    logits = Reference.load(model_dir).forward(np.concatenate(embeds), positions, mask).logits
     return [logits[i] for i in last]
 
 
@@ -193,7 +193,8 @@ def test_shifting_keys_equals_computing_them_at_the_new_position(tiny_lm: Langua
     # Layer 0's keys depend only on the token and its position, so a shifted copy must equal
     # the keys computed at the new position.
     ids = tiny_lm.tokenizer.encode("- text 'PUSH'\n")
-    at = {p: tiny_lm._forward(ids, np.arange(p, p + len(ids)), []) for p in (7, 300)}
+    embeds = tiny_lm.embeddings.lookup(ids)
+    at = {p: tiny_lm._forward(embeds, np.arange(p, p + len(ids)), []) for p in (7, 300)}
     cache = KVCache(2, 1, 64, 10000.0)
     group = cache.put("g", "region", at[7].keys, at[7].values, np.arange(7, 7 + len(ids)))
     cache.shift(group, 293)
@@ -260,3 +261,53 @@ def test_conversion_without_the_engines_extra_says_how_to_install(
     monkeypatch.delitem(sys.modules, "engines.smollm2_onnx", raising=False)
     with pytest.raises(MissingDependencyError, match=r"'onnx'.*pip install 'gazecam\[engines\]'"):
         converted_model_dir(LLMSettings(), models)
+
+
+def test_a_unit_is_prefilled_once_and_kept_as_interleaved_groups(
+    tiny_lm: LanguageModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As the vision-language engine keeps a keyframe: one pass over its sequence, then groups
+    # whose tokens interleave (2×2 blocks of a token grid) and an always-attended frame group.
+    tiny_lm.set_context("You help with a pump.")
+    ids = tiny_lm.tokenizer.encode("- text 'PUSH', a cup and a valve, at the gaze point\n")
+    embeds, n = tiny_lm.embeddings.lookup(ids), len(ids)
+    split = [
+        UnitGroup("frame:k", "frame", np.arange(2)),
+        UnitGroup("region:k/a", "region", np.arange(2, n, 2), 1.0),
+        UnitGroup("region:k/b", "region", np.arange(3, n, 2), 0.0),
+    ]
+    calls = record(tiny_lm, monkeypatch)
+    tiny_lm.add_unit("k", embeds, split)
+    assert len(calls) == 1 and calls[0].attend == ["context"]
+    start = tiny_lm.cache.end_position(("context",))
+    groups = tiny_lm.cache.groups
+    assert groups["region:k/b"].positions.tolist() == list(range(start + 3, start + n, 2))
+    assert {g.unit for g in tiny_lm.cache.units(("frame", "region"))["k"]} == {"k"}
+    dense, stats = answer(tiny_lm, "Which valve?", top_k_regions=None, max_tokens=6)
+    dense_logits = [c.logits for c in calls[1:]]
+    assert stats.attended_visual_kv == [n] * len(stats.attended_visual_kv)
+    # The same entries as one region: the same answer, the same logits (up to summation order).
+    tiny_lm.add_unit("k", embeds, [UnitGroup("region:k", "region", np.arange(n))])
+    assert set(tiny_lm.cache.groups) == {"context", "local", "region:k"}  # replaced
+    del calls[:]
+    assert answer(tiny_lm, "Which valve?", top_k_regions=None, max_tokens=6)[0] == dense
+    for a, b in zip(dense_logits, [c.logits for c in calls], strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    # Sparse: the frame group at every step, and one of the two regions.
+    tiny_lm.add_unit("k", embeds, split)
+    del calls[:]
+    _, stats = answer(tiny_lm, "Which valve?", top_k_regions=1, max_tokens=4)
+    for call in calls[1:]:  # the decoding steps
+        assert call.attend[:2] == ["context", "frame:k"] and len(call.attend) == 4
+    assert stats.attended_visual_kv[1:] and all(
+        kv in (2 + len(split[1].tokens), 2 + len(split[2].tokens))
+        for kv in stats.attended_visual_kv[1:]
+    )
+    # A new context packs the unit right after it, its layout kept.
+    before = {g: tiny_lm.cache.groups[g].positions.copy() for g in ("frame:k", "region:k/b")}
+    tiny_lm.set_context("A longer task card: " + "open the valve, " * 20)
+    delta = tiny_lm.cache.end_position(("context",)) - start
+    for g, positions in before.items():
+        assert tiny_lm.cache.groups[g].positions.tolist() == (positions + delta).tolist()
+    assert tiny_lm.drop_unit("k") and not tiny_lm.drop_unit("k")
+    assert set(tiny_lm.cache.groups) == {"context", "local"}

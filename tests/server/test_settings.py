@@ -3,6 +3,7 @@ messages are checked before anything acts on them."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +12,8 @@ from pydantic_settings import CliApp
 
 from gazecam.cli import main
 from gazecam.errors import ConfigError
+from gazecam.llm.settings import LLMSettings
+from gazecam.models import ModelSettings
 from gazecam.server import app as server_app
 from gazecam.server.command import ServeCommand
 from gazecam.server.errors import ClientError
@@ -83,7 +86,7 @@ def test_a_short_token_is_named_as_the_variable_that_sets_it(
 ) -> None:
     # serve has no --token flag (it would show the token in the process list).
     monkeypatch.setenv("GAZECAM_TOKEN", "secret")
-    monkeypatch.setattr(server_app, "serve", lambda settings: pytest.fail("must not serve"))
+    monkeypatch.setattr(server_app, "serve", lambda *settings: pytest.fail("must not serve"))
     assert main(["serve"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("gazecam: error: GAZECAM_TOKEN: ") and "--token" not in error
@@ -95,19 +98,23 @@ def test_the_token_is_not_shown() -> None:
 
 
 def test_serve_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    served: list[ServerSettings] = []
-    monkeypatch.setattr(server_app, "serve", served.append)
+    served: list[tuple[ServerSettings, LLMSettings, ModelSettings]] = []
+    monkeypatch.setattr(server_app, "serve", lambda *settings: served.append(settings))
     monkeypatch.setenv("GAZECAM_PORT", "9000")
     monkeypatch.setenv("GAZECAM_TASK", "my-card.yaml")
+    monkeypatch.setenv("GAZECAM_ENGINE", "text")
     CliApp.run(ServeCommand, cli_args=["--source", "neon://auto", "--port", "8123"])
-    (settings,) = served
+    CliApp.run(ServeCommand, cli_args=["--engine", "vlm", "--vlm", "/data/SmolVLM"])
+    (settings, llm, models), (_, vlm_llm, vlm_models) = served
     assert (settings.source, settings.port, settings.task) == ("neon://auto", 8123, "my-card.yaml")
     assert settings.host == "127.0.0.1"
+    assert (llm.engine, models.vlm) == ("text", None)
+    assert (vlm_llm.engine, vlm_models.vlm) == ("vlm", Path("/data/SmolVLM"))
 
 
 def test_serve_refuses_an_open_host_without_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GAZECAM_TOKEN", raising=False)
-    monkeypatch.setattr(server_app, "serve", lambda settings: pytest.fail("must not serve"))
+    monkeypatch.setattr(server_app, "serve", lambda *settings: pytest.fail("must not serve"))
     with pytest.raises(
         ConfigError, match=r"^--host / GAZECAM_HOST: .*0\.0\.0\.0 is reachable from other machines"
     ):
