@@ -26,7 +26,7 @@ import copy
 import resource
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -38,6 +38,8 @@ from tqdm import tqdm
 from gazecam.capture import Capture, FrameResult
 from gazecam.crop import make_crop
 from gazecam.errors import ConfigError
+from gazecam.llm.settings import EngineName, LLMSettings, engine_settings
+from gazecam.models import ModelSettings
 from gazecam.records import CropMode, MatchedFrame, SourceEvent
 from gazecam.settings import CaptureSettings, Pace, SourceSettings
 from gazecam.sources import Source, open_source
@@ -78,6 +80,14 @@ class BenchCommand(BaseModel):
         [], description="Ask at the first keyframe from each of these seconds instead (e.g. 5,20)."
     )
     pace: Pace = Field("fast", description="Replay pacing: fast, or realtime.")
+    engine: EngineName | None = Field(
+        None,
+        description="Answer engine: text or vlm (its stages include the vision encoder) "
+        "[GAZECAM_ENGINE; unset: vlm when a SmolVLM checkpoint is installed, else text].",
+    )
+    vlm: Path | None = Field(
+        None, description="A SmolVLM checkpoint folder for the vlm engine [GAZECAM_VLM]."
+    )
     check: Path | None = Field(
         None, description="Fail (exit 1) where a ratio between modes regressed from this baseline."
     )
@@ -103,7 +113,10 @@ class BenchCommand(BaseModel):
             baseline = bench_report.load_baseline(self.check)
             bench_report.require_modes(baseline, self.modes, self.check)
         schedule = self.at or self.asks
-        run = asyncio.run(run_bench(self.source, self.task, self.modes, schedule, self.pace))
+        llm, models = engine_settings(self.engine, self.vlm)
+        run = asyncio.run(
+            run_bench(self.source, self.task, self.modes, schedule, self.pace, llm, models)
+        )
         png = self.out.with_suffix(".png")
         bench_report.draw_png(run.samples, png)
         bench_report.write_json(self.out, run.report)
@@ -212,7 +225,8 @@ class Harness:
         t0 = time.perf_counter()
         image = matched.frame.bgr()
         decode_ms = (time.perf_counter() - t0) * 1e3
-        size, thumb = self.settings.crop_size_px, self.settings.thumbnail_px
+        size = self.settings.crop_size_px
+        thumb = max(self.settings.thumbnail_px, self.lm.thumbnail_px)
         for run in self.rotation():
             self.lm.cache = run.cache
             t0 = time.perf_counter()
@@ -223,13 +237,15 @@ class Harness:
             if not warm:
                 list(run.assistant.ask(QUESTIONS[0], dense=run.dense))
                 continue
-            perception_ms = run.assistant.perception_ms
+            perception_ms, encode_ms = run.assistant.perception_ms, self.lm.last_encode_ms
             s = run.samples
             s["decode_ms"].append(decode_ms)
             s["sync_crop_ms"].append(push_ms + (t1 - t0) * 1e3)
             s["perception_ms"].append(perception_ms)
+            if self.lm.info.engine == "vlm":
+                s["vision_encode_ms"].append(encode_ms)
             # observe_keyframe's rest: tracker and memory (microseconds), and the prefill.
-            s["region_prefill_ms"].append((t2 - t1) * 1e3 - perception_ms)
+            s["region_prefill_ms"].append((t2 - t1) * 1e3 - perception_ms - encode_ms)
             s["regions_found"].append(len(regions))
             if truth is not None:
                 run.keyframe_steps.append((truth, run.assistant.tracker.current().index))
@@ -261,8 +277,15 @@ class Harness:
             for metric in ("ttft_ms", "e2e_ms", "prompt_tokens", "visual_kv"):
                 s[metric].append(getattr(t, metric))
             # Had the ask come as the keyframe did, it would have waited for all of it.
-            stages = ("decode_ms", "sync_crop_ms", "perception_ms", "region_prefill_ms")
-            s["keyframe_ttft_ms"].append(sum(s[stage][-1] for stage in stages) + t.ttft_ms)
+            stages = (
+                "decode_ms",
+                "sync_crop_ms",
+                "perception_ms",
+                "vision_encode_ms",
+                "region_prefill_ms",
+            )
+            waited = sum(s[stage][-1] for stage in stages if s[stage])
+            s["keyframe_ttft_ms"].append(waited + t.ttft_ms)
             if t.tpot_ms > 0:  # at least one decoding step (else both stand for the prefill)
                 s["tpot_ms"].append(t.tpot_ms)
                 s["attended_kv"].append(t.attended_kv)
@@ -290,15 +313,25 @@ def ask_offsets_ns(schedule: list[float] | int, duration_ns: int | None) -> list
 
 
 async def run_bench(
-    address: str, task: str, modes: list[Mode], schedule: list[float] | int, pace: Pace
+    address: str,
+    task: str,
+    modes: list[Mode],
+    schedule: list[float] | int,
+    pace: Pace,
+    llm: LLMSettings | None = None,
+    models: ModelSettings | None = None,
 ) -> BenchRun:
-    """Replay ``address`` once through every mode and measure; see the module docstring."""
+    """Replay ``address`` once through every mode and measure; see the module docstring.
+
+    ``llm``/``models``: the answer engine (``llm.engine``, the vlm engine's checkpoint); a vlm
+    engine asked for by name that cannot load is an error, not a fallback.
+    """
     from gazecam import bench_report
     from gazecam.assistant import Assistant, load_engines, load_task
 
     started = time.perf_counter()
     card = load_task(task)
-    engines = load_engines()
+    engines = load_engines(llm, models)
     perception, lm = engines.perception, engines.model
     runs = []
     for mode in modes:
@@ -325,6 +358,7 @@ async def run_bench(
         await source.close()
     samples: dict[str, dict[str, list[float]]] = {run.mode: dict(run.samples) for run in runs}
     report = bench_report.summarise(
+        lm.info.engine,
         samples,
         {run.mode: {"keyframes": run.keyframe_steps, "asks": run.ask_steps} for run in runs},
         {run.mode: {"crop_mode": run.crop_mode, "dense": run.dense} for run in runs},
@@ -342,6 +376,7 @@ async def run_bench(
         "frames_dropped": source.stats.frames_dropped,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "top_k_regions": lm.settings.llm_top_k_regions,
+        "engine": asdict(lm.info),
         "wall_s": round(time.perf_counter() - started, 1),
     }
     report["machine"] = bench_report.machine_info(lm)

@@ -367,6 +367,8 @@ async def prepare_assistant(
     engines = load_engines(llm, models)
     assistant = Assistant(load_task(task), engines.perception, engines.model)
     settings = CaptureSettings()
+    wanted = max(settings.thumbnail_px, engines.model.thumbnail_px)
+    settings = settings.model_copy(update={"thumbnail_px": wanted})
     source = open_source(address, SourceSettings(pace="fast"))
     info = await source.open()
     try:

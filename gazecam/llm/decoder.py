@@ -201,6 +201,10 @@ class LanguageModel:
         ]
         self._lock = threading.RLock()
         self._context_text: str | None = None
+        # The whole-frame thumbnail width this engine wants beside each crop (0: none), and
+        # the latest keyframe's vision encoding (the text engine has no encoder).
+        self.thumbnail_px = 0
+        self.last_encode_ms = 0.0
         self.info = EngineInfo(
             "text",
             str(c.get("name") or c.get("source")),

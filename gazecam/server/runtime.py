@@ -118,9 +118,10 @@ class Runtime:
         self._tracker_lock = threading.Lock()
         self._generation_lock = asyncio.Lock()
         self._generation = ThreadPoolExecutor(1, thread_name_prefix="gazecam-generate")
+        wanted = max(capture.thumbnail_px, engines.model.thumbnail_px)
         self.pipeline = Pipeline(
             make_source,
-            capture,
+            capture.model_copy(update={"thumbnail_px": wanted}),
             server,
             self._observe_keyframe,
             self._observe_source_event,

@@ -28,7 +28,6 @@ import json
 import math
 import threading
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -204,9 +203,9 @@ class VisionLanguageModel(LanguageModel):
         self.checkpoint = checkpoint
         name = str(self.config.get("name") or checkpoint.path.name)
         self.info = EngineInfo("vlm", name, checkpoint.random_weights)
-        self._keyframes: deque[str] = deque()
+        # Squashed to the global tile from twice its width: enough pixels, cheap to make.
+        self.thumbnail_px = 2 * self.vlm.vlm_thumbnail_px
         self._count = 0
-        self.last_encode_ms = self.last_prefill_ms = 0.0
 
     def memory_tokens(self, memory: MemorySettings) -> tuple[int, str]:
         """The most positions a full visual memory takes: its keyframes' sequences."""
@@ -233,11 +232,6 @@ class VisionLanguageModel(LanguageModel):
         self._count += 1
         x, y = crop.matched.gaze_x_px, crop.matched.gaze_y_px
         self.add_image(f"k{self._count}", image, None if x is None or y is None else (x, y))
-
-    def clear_memory(self) -> None:
-        """Forget every keyframe (the context stays)."""
-        super().clear_memory()
-        self._keyframes.clear()
 
     def encode(self, crop: Crop) -> ImageTokens:
         """A keyframe's images as visual tokens: the gaze crop as one tile and the whole frame
@@ -267,7 +261,6 @@ class VisionLanguageModel(LanguageModel):
     def add_image(self, unit: str, image: ImageTokens, gaze_px: tuple[float, float] | None) -> None:
         """Prefill an image's sequence as one unit: its tiles' 2×2 token blocks as regions
         (gaze priors from ``gaze_px``, frame pixels; none: 0), the rest as the frame group."""
-        started = time.perf_counter()
         embeds, tile_starts = self._embed(image_parts(image))
         groups: list[UnitGroup] = []
         in_regions = np.zeros(len(embeds), bool)
@@ -279,11 +272,11 @@ class VisionLanguageModel(LanguageModel):
                 groups.append(UnitGroup(f"region:{unit}/t{i}/{name}", "region", tokens, prior))
         groups.append(UnitGroup(f"frame:{unit}", "frame", np.flatnonzero(~in_regions)))
         self.add_unit(unit, embeds, groups)
-        self._keyframes.append(unit)
-        while len(self._keyframes) > self.vlm.vlm_keyframes:
-            self.drop_unit(self._keyframes.popleft())
+        # The units in the cache (not a list of our own: gazecam bench swaps caches per mode).
+        units = list(self.cache.units(("frame", "region")))
+        for old in units[: max(0, len(units) - self.vlm.vlm_keyframes)]:
+            self.drop_unit(old)
         self.last_encode_ms = image.encode_ms
-        self.last_prefill_ms = (time.perf_counter() - started) * 1e3
 
     def _embed(self, parts: list[str | Special | F32]) -> tuple[F32, list[int]]:
         """The parts' embeddings [L, hidden] (text and markers looked up, visual tokens as
