@@ -162,8 +162,6 @@ def decoder_weights(model: Any, bits: int, accuracy_level: int) -> Weights:
     """The language model's weights in the decoder graph's form, quantised as llama.cpp would
     (Q4_1 or Q8_0 linear layers; Q8_0 embedding and head; norms in fp32)."""
     text, c = model.model.text_model, model.config.text_config
-    if c.attention_bias or c.mlp_bias or c.rope_parameters.get("rope_type") != "default":
-        raise ModelError(f"{c.name_or_path}: text model with biases or scaled RoPE not supported")
     kind = GGMLQuantizationType.Q4_1 if bits == 4 else GGMLQuantizationType.Q8_0
 
     def array(tensor: Any) -> F32:
@@ -244,6 +242,13 @@ def convert(
     with progress(f"converting {checkpoint.name} to ONNX", total=steps, unit="stage") as bar:
         bar.set_postfix_str("loading the checkpoint")
         model = load_model(checkpoint)
+        text = model.config.text_config
+        if text.attention_bias or text.mlp_bias or text.rope_parameters["rope_type"] != "default":
+            # The decoder graph has neither: it would convert into wrong answers.
+            raise ModelError(
+                f"{checkpoint / 'config.json'}: a text model with biases or scaled RoPE "
+                "is not supported"
+            )
         bar.update()
         with folder_written_atomically(out_dir) as tmp:
             for s in tile_sizes:

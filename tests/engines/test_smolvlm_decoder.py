@@ -190,3 +190,20 @@ def test_greedy_answer_equals_transformers_generate(
     answer = generated[0, inputs["input_ids"].shape[1] :].tolist()
     assert len(answer) == NEW_TOKENS
     assert Decoder(tiny_smolvlm_onnx).greedy(embeds[0], NEW_TOKENS) == answer
+
+
+def test_a_text_model_with_scaled_rope_is_refused(tiny_smolvlm: Path, tmp_path: Path) -> None:
+    """The graph's RoPE is the plain one: a checkpoint with scaled RoPE would load and convert
+    into wrong answers; refused in one line instead."""
+    import shutil
+
+    from gazecam.models import ModelError
+
+    scaled = tmp_path / "scaled"
+    shutil.copytree(tiny_smolvlm, scaled)
+    config = json.loads((scaled / "config.json").read_text())
+    config["text_config"]["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
+    (scaled / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=r"scaled/config\.json: a text model with biases or"):
+        convert(scaled, tmp_path / "out", tile_sizes=())
+    assert not (tmp_path / "out").exists()
