@@ -1,21 +1,30 @@
-"""A SmolVLM checkpoint (Hugging Face layout) → ONNX vision encoders for ONNX Runtime CPU.
+"""A SmolVLM checkpoint (Hugging Face layout) → ONNX vision encoders and decoder for ORT CPU.
 
-``python -m engines.smolvlm_onnx CHECKPOINT OUT`` writes, for each tile size S (512: the
-native tile; 448: the gaze crop at its native size):
+``python -m engines.smolvlm_onnx CHECKPOINT OUT [--bits 4|8]`` writes, for each tile size S
+(512: the native tile; 448: the gaze crop at its native size; 256: the low-resolution
+whole-frame thumbnail):
 
 - ``vision_S.onnx``: the SigLIP encoder and the connector (pixel shuffle + linear projection)
   as ONE graph. Input ``pixel_values`` float32 [tiles, 3, S, S] (rescaled and normalised as
   ``gazecam.vlm.preprocess`` does); output ``visual_tokens`` float32 [tiles, T, hidden] with
-  T = (S / patch / scale_factor)²: 64 at 512, 49 at 448 (patch 16, shuffle 4).
+  T = (S / patch / scale_factor)²: 64 at 512, 49 at 448, 16 at 256 (patch 16, shuffle 4).
 - ``vision_S.int8.onnx``: the same graph with int8 weights (dynamic quantisation of the
   MatMuls: per-channel int8 weights, activations quantised per call; the CPU's VNNI kernels).
 - ``vision.json``: what the runtime needs (tile sizes, tokens per tile, hidden size, the
   preprocessor's mean/std and rescale factor, the source checkpoint and whether it is random).
 
-At 448 the 28×28 patch grid takes its position embeddings the way transformers' Idefics3 does
-for any grid smaller than the 32×32 table: each patch's fractional position is bucketed into
-the table (NaViT-style), so the graph equals ``Idefics3Model.get_image_features`` on a 448
-image. Positions are constants of each graph; only the tile count is dynamic.
+and the language model (``model.text_model`` + ``lm_head``) as ``engines.llama_graph``'s decoder:
+``model.onnx`` (+ ``.data``), ``embed_tokens.npz``, ``tokenizer.json`` (the checkpoint's) and
+``config.json`` (``chat_format`` "smolvlm", ``image_token_id``, ``weight_bits``, ...). Its
+linear layers are quantised by gguf's numpy quantiser, as llama.cpp would: Q4_1 (``--bits 4``)
+or Q8_0 (``--bits 8``); the embedding and the (untied) head are Q8_0. HF's q/k rows are permuted
+as llama.cpp's converter does, for the graph's adjacent-pair RoPE.
+
+At 448 and 256 the 28×28 (16×16) patch grid takes its position embeddings the way
+transformers' Idefics3 does for any grid smaller than the 32×32 table: each patch's fractional
+position is bucketed into the table (NaViT-style), so the graph equals
+``Idefics3Model.get_image_features`` on a 448 (256) image. Positions are constants of each
+graph; only the tile count is dynamic.
 
 Build-time only (the ``vlm-build`` extra: torch, transformers); the runtime needs neither.
 """
@@ -28,13 +37,29 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from gguf import GGMLQuantizationType
+from gguf.quants import quantize
+
+from engines.llama_graph import (
+    F32,
+    Q80,
+    Arch,
+    Layer,
+    Linear,
+    Weights,
+    q41_from_gguf,
+    q80_from_gguf,
+    write,
+)
 from gazecam.models import ModelError, folder_written_atomically, progress
 from gazecam.vlm.checkpoint import check_checkpoint
 from gazecam.vlm.preprocess import PreprocessConfig
 
-FORMAT_VERSION = 1
-TILE_SIZES = (512, 448)
+FORMAT_VERSION = 1  # of vision.json and the vision graphs (the decoder's: llama_graph's)
+TILE_SIZES = (512, 448, 256)
 OPSET = 17
+CHAT_FORMAT = "smolvlm"  # "User:…<end_of_utterance>\nAssistant:", the checkpoint's template
 
 
 def load_model(folder: Path) -> Any:
@@ -133,10 +158,75 @@ def quantize_int8(src: Path, dst: Path) -> None:
     )
 
 
+def decoder_weights(model: Any, bits: int, accuracy_level: int) -> Weights:
+    """The language model's weights in the decoder graph's form, quantised as llama.cpp would
+    (Q4_1 or Q8_0 linear layers; Q8_0 embedding and head; norms in fp32)."""
+    text, c = model.model.text_model, model.config.text_config
+    kind = GGMLQuantizationType.Q4_1 if bits == 4 else GGMLQuantizationType.Q8_0
+
+    def array(tensor: Any) -> F32:
+        return np.asarray(tensor.detach().float().numpy(), np.float32)
+
+    def q80(tensor: Any) -> Q80:
+        return q80_from_gguf(quantize(array(tensor), GGMLQuantizationType.Q8_0))
+
+    def linear(module: Any, rope_heads: int = 0) -> Linear:
+        w = array(module.weight)
+        if rope_heads:  # HF rotates halves (i, i + d/2); the graph adjacent pairs (2i, 2i + 1)
+            rows = w.shape[0] // rope_heads // 2
+            w = w.reshape(rope_heads, 2, rows, -1).swapaxes(1, 2).reshape(w.shape)
+        raw = quantize(np.ascontiguousarray(w), kind)
+        return q41_from_gguf(raw) if bits == 4 else q80_from_gguf(raw)
+
+    heads, kv_heads = c.num_attention_heads, c.num_key_value_heads
+    layers = [
+        Layer(
+            array(block.input_layernorm.weight),
+            array(block.post_attention_layernorm.weight),
+            linear(block.self_attn.q_proj, heads),
+            linear(block.self_attn.k_proj, kv_heads),
+            linear(block.self_attn.v_proj),
+            linear(block.self_attn.o_proj),
+            linear(block.mlp.gate_proj),
+            linear(block.mlp.up_proj),
+            linear(block.mlp.down_proj),
+        )
+        for block in text.layers
+    ]
+    arch = Arch(
+        layers=c.num_hidden_layers,
+        hidden=c.hidden_size,
+        heads=heads,
+        kv_heads=kv_heads,
+        ffn=c.intermediate_size,
+        vocab=c.vocab_size,
+        rope_base=float(c.rope_parameters["rope_theta"]),
+        rms_eps=float(c.rms_norm_eps),
+        max_positions=c.max_position_embeddings,
+        head_dim=c.head_dim,
+        probe_layer=c.num_hidden_layers // 2,
+        accuracy_level=accuracy_level,
+    )
+    embedding = text.embed_tokens.weight
+    # Tied exactly where transformers ties them (SmolVLM's are not: its head is lm_head).
+    tied = model.lm_head.weight.data_ptr() == embedding.data_ptr()
+    head = None if tied else q80(model.lm_head.weight)
+    return Weights(arch, q80(embedding), layers, array(text.norm.weight), head)
+
+
 def convert(
-    checkpoint: Path, out_dir: Path, tile_sizes: tuple[int, ...] = TILE_SIZES, int8: bool = True
+    checkpoint: Path,
+    out_dir: Path,
+    tile_sizes: tuple[int, ...] = TILE_SIZES,
+    int8: bool = True,
+    bits: int = 4,
+    accuracy_level: int = 4,
 ) -> Path:
-    """Convert a SmolVLM checkpoint folder into out_dir (vision_S[.int8].onnx, vision.json).
+    """Convert a SmolVLM checkpoint folder into out_dir: vision_S[.int8].onnx, vision.json and
+    the decoder (model.onnx, embed_tokens.npz, tokenizer.json, config.json).
+
+    ``bits``: the decoder's linear layers as Q4_1 (4) or Q8_0 (8); ``accuracy_level`` 4 lets
+    its CPU kernels quantise activations to int8 per block, 0 keeps fp32.
 
     Written into a hidden temporary folder beside out_dir, renamed last: a failed conversion
     leaves the earlier out_dir (or none), never a partial one.
@@ -145,11 +235,20 @@ def convert(
     checked = check_checkpoint(checkpoint)
     pre = PreprocessConfig.load(checkpoint)
     counts = {s: checked.tokens_at(s) for s in tile_sizes}
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, not {bits}")
     name = json.loads((checkpoint / "config.json").read_text()).get("gazecam_name", checkpoint.name)
-    steps = len(tile_sizes) * (2 if int8 else 1) + 1
+    steps = len(tile_sizes) * (2 if int8 else 1) + 3
     with progress(f"converting {checkpoint.name} to ONNX", total=steps, unit="stage") as bar:
         bar.set_postfix_str("loading the checkpoint")
         model = load_model(checkpoint)
+        text = model.config.text_config
+        if text.attention_bias or text.mlp_bias or text.rope_parameters["rope_type"] != "default":
+            # The decoder graph has neither: it would convert into wrong answers.
+            raise ModelError(
+                f"{checkpoint / 'config.json'}: a text model with biases or scaled RoPE "
+                "is not supported"
+            )
         bar.update()
         with folder_written_atomically(out_dir) as tmp:
             for s in tile_sizes:
@@ -173,6 +272,19 @@ def convert(
                 "rescale_factor": pre.rescale_factor,
             }
             (tmp / "vision.json").write_text(json.dumps(info, indent=2) + "\n")
+            bar.set_postfix_str(f"quantising the decoder ({bits} bits)")
+            weights = decoder_weights(model, bits, accuracy_level)
+            bar.update()
+            bar.set_postfix_str("writing the decoder")
+            config = {
+                "source": info["source"],
+                "name": name,
+                "random_weights": checked.random_weights,
+                "chat_format": CHAT_FORMAT,
+                "image_token_id": model.config.image_token_id,
+            }
+            write(weights, (checkpoint / "tokenizer.json").read_text(), tmp, config)
+            bar.update()
     return out_dir
 
 
@@ -180,12 +292,29 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: convert a checkpoint folder; one line and exit 2 on a bad one."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path, help="SmolVLM folder (Hugging Face layout)")
-    parser.add_argument("out", type=Path, help="folder to write the ONNX encoders into")
+    parser.add_argument("out", type=Path, help="folder to write the ONNX graphs into")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(TILE_SIZES))
-    parser.add_argument("--no-int8", action="store_true", help="skip the int8 variants")
+    parser.add_argument("--no-int8", action="store_true", help="skip the int8 encoders")
+    parser.add_argument(
+        "--bits", type=int, choices=(4, 8), default=4, help="decoder weights: Q4_1 or Q8_0"
+    )
+    parser.add_argument(
+        "--accuracy-level",
+        type=int,
+        choices=(0, 1, 2, 3, 4),
+        default=4,
+        help="MatMulNBits accuracy_level of the decoder (4: int8 activations, 0: fp32)",
+    )
     args = parser.parse_args(argv)
     try:
-        out = convert(args.checkpoint, args.out, tuple(args.sizes), int8=not args.no_int8)
+        out = convert(
+            args.checkpoint,
+            args.out,
+            tuple(args.sizes),
+            int8=not args.no_int8,
+            bits=args.bits,
+            accuracy_level=args.accuracy_level,
+        )
     except ModelError as exc:
         parser.exit(2, f"error: {exc}\n")
     for path in sorted(out.iterdir()):

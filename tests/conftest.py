@@ -77,6 +77,26 @@ def gguf_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_smolvlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """random-smolvlm-tiny in the Hugging Face layout (SmolLM2's tokenizer from the GGUF)."""
+    pytest.importorskip("transformers", reason="needs the vlm-build extra (torch, transformers)")
+    from engines.random_smolvlm import write_random_checkpoint
+
+    out = tmp_path_factory.mktemp("smolvlm") / "random-smolvlm-tiny"
+    return write_random_checkpoint(out, "tiny", seed=0, tokenizer_gguf=gguf_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_smolvlm_onnx(tiny_smolvlm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_smolvlm converted (about 5 s): vision encoders (fp32 and int8) at every tile size,
+    and the decoder with Q8_0 weights and fp32 activations (accuracy_level 0), for parity."""
+    from engines.smolvlm_onnx import convert
+
+    out = tmp_path_factory.mktemp("smolvlm-onnx") / "random-smolvlm-tiny-onnx"
+    return convert(tiny_smolvlm, out, bits=8, accuracy_level=0)
+
+
+@pytest.fixture(scope="session")
 def real_models(tmp_path_factory: pytest.TempPathFactory) -> ModelSettings:
     """Model settings whose cache is a fresh folder and whose model path holds the GGUF."""
     cache = tmp_path_factory.mktemp("models")

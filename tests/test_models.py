@@ -217,6 +217,7 @@ def test_an_interrupted_conversion_leaves_no_folder(
     assert out == tmp_path / "cache" / CONVERTED_NAME
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
+        "embed_tokens.npz",
         "model.onnx",
         "model.onnx.data",
         "tokenizer.json",

@@ -19,9 +19,9 @@ torch = pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
-def encoders(tiny_smolvlm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny checkpoint's encoders at 512 and 448, fp32 and int8."""
-    return convert(tiny_smolvlm, tmp_path_factory.mktemp("onnx") / "vision")
+def encoders(tiny_smolvlm_onnx: Path) -> Path:
+    """The tiny checkpoint's encoders at 512, 448 and 256, fp32 and int8."""
+    return tiny_smolvlm_onnx
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +52,16 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def test_the_encoders_and_what_they_say_about_themselves(encoders: Path) -> None:
     assert {p.name for p in encoders.iterdir()} == {
         "vision.json", "vision_512.onnx", "vision_512.int8.onnx",
-        "vision_448.onnx", "vision_448.int8.onnx",
+        "vision_448.onnx", "vision_448.int8.onnx", "vision_256.onnx", "vision_256.int8.onnx",
+        "model.onnx", "model.onnx.data", "embed_tokens.npz", "tokenizer.json", "config.json",
     }  # fmt: skip
     info = json.loads((encoders / "vision.json").read_text())
     assert info["random_weights"] is True and info["name"] == "random-smolvlm-tiny"
-    assert info["tiles"] == {"512": {"tokens": 64}, "448": {"tokens": 49}}
+    assert info["tiles"] == {"512": {"tokens": 64}, "448": {"tokens": 49}, "256": {"tokens": 16}}
     assert info["hidden"] == 64 and info["image_mean"] == [0.5, 0.5, 0.5]
 
 
-@pytest.mark.parametrize(("tile_px", "tokens"), [(512, 64), (448, 49)])
+@pytest.mark.parametrize(("tile_px", "tokens"), [(512, 64), (448, 49), (256, 16)])
 def test_fp32_encoder_equals_transformers(
     encoders: Path, model: object, tile_px: int, tokens: int
 ) -> None:
@@ -71,7 +72,7 @@ def test_fp32_encoder_equals_transformers(
     assert float(np.abs(ours - expected).max()) <= 1e-4
 
 
-@pytest.mark.parametrize("tile_px", [512, 448])
+@pytest.mark.parametrize("tile_px", [512, 448, 256])
 def test_int8_encoder_is_close(
     encoders: Path, model: object, tiny_smolvlm: Path, tile_px: int
 ) -> None:

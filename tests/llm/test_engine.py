@@ -12,16 +12,15 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize, quantize
 from onnx import TensorProto, helper
 
-from engines.smollm2_onnx import _Graph, pack_q41, q41_from_gguf
+from engines.llama_graph import Linear, _Graph, pack_q41, q41_from_gguf, q80_from_gguf
 from gazecam.llm.tokenizer import ChatTokenizer
 from tests.conftest import gguf_path
 from tests.llm.reference import Reference
 
 
-def run_linear(raw: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """x [1, T, K] through the converter's linear (MatMulNBits + block offsets), fp32."""
+def run_linear(mat: Linear, x: np.ndarray) -> np.ndarray:
+    """x [1, T, K] through the converter's linear (MatMulNBits, + block offsets for Q4_1), fp32."""
     g = _Graph()
-    mat = q41_from_gguf(raw)
     y = g.linear("x", "w", [mat], accuracy_level=0)
     n, k = mat.d.shape[0], mat.d.shape[1] * 32
     graph = helper.make_graph(
@@ -55,7 +54,19 @@ def test_q41_repacking_equals_gguf_dequantize(source: str) -> None:
     np.testing.assert_allclose(w.reshape(expected.shape), expected, rtol=0, atol=1e-6)
     # And through ONNX Runtime (fp32 sums of up to 1,536 products: 1e-4).
     x = np.random.default_rng(1).normal(size=(1, 5, expected.shape[1])).astype(np.float32)
-    np.testing.assert_allclose(run_linear(raw, x)[0], x[0] @ expected.T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        run_linear(q41_from_gguf(raw), x)[0], x[0] @ expected.T, rtol=1e-4, atol=1e-4
+    )
+
+
+def test_q80_linear_equals_gguf_dequantize() -> None:
+    """An 8-bit linear (SmolVLM's ``--bits 8``): q + 128 at zero point 128, no offsets."""
+    w = np.random.default_rng(2).normal(0, 0.1, (96, 256)).astype(np.float32)
+    raw = quantize(w, GGMLQuantizationType.Q8_0)
+    expected = dequantize(raw, GGMLQuantizationType.Q8_0)
+    x = np.random.default_rng(3).normal(size=(1, 5, 256)).astype(np.float32)
+    y = run_linear(q80_from_gguf(raw), x)[0]
+    np.testing.assert_allclose(y, x[0] @ expected.T, rtol=1e-4, atol=1e-4)
 
 
 def test_graph_matches_numpy_reference(tiny_dir: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines.smollm2_onnx import FORMAT_VERSION
+from engines.llama_graph import FORMAT_VERSION
 from gazecam.errors import MissingDependencyError
 from gazecam.llm import LanguageModel, LLMSettings
 from gazecam.llm import decoder as decoder_module
@@ -250,7 +250,9 @@ def test_max_tokens_and_seeded_sampling(tiny_lm: LanguageModel) -> None:
 
 def test_converted_folder_format_matches_the_runtime(tiny_dir: Path) -> None:
     assert FORMAT_VERSION == decoder_module.FORMAT_VERSION
-    assert Reference.load(tiny_dir).config["format_version"] == FORMAT_VERSION
+    config = Reference.load(tiny_dir).config
+    assert config["format_version"] == FORMAT_VERSION
+    assert (config["chat_format"], config["weight_bits"]) == ("chatml", 4)
 
 
 def test_conversion_without_the_engines_extra_says_how_to_install(
@@ -258,7 +260,8 @@ def test_conversion_without_the_engines_extra_says_how_to_install(
 ) -> None:
     models = ModelSettings(models_dir=tmp_path, model_path=[gguf_path().parent])
     monkeypatch.setitem(sys.modules, "onnx", None)  # "not installed"
-    monkeypatch.delitem(sys.modules, "engines.smollm2_onnx", raising=False)
+    for module in ("engines.smollm2_onnx", "engines.llama_graph"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
     with pytest.raises(MissingDependencyError, match=r"'onnx'.*pip install 'gazecam\[engines\]'"):
         converted_model_dir(LLMSettings(), models)
 
