@@ -66,7 +66,8 @@ def test_the_report_has_every_stage_per_mode(real_run: Run) -> None:
     assert report["run"]["peak_rss_mb"] > 100
     for mode in report["modes"].values():
         assert mode["asks_timed"] == 3 and mode["keyframes_timed"] >= 9
-        for metric in METRICS:
+        assert mode["vision_encode_ms"] is None  # the text engine has no vision encoder
+        for metric in set(METRICS) - {"vision_encode_ms"}:
             p = mode[metric]
             assert p is not None, metric
             assert 0 <= p["p50"] <= p["p90"] <= p["p99"] <= p["max"], metric
@@ -85,6 +86,7 @@ def test_the_report_has_every_stage_per_mode(real_run: Run) -> None:
     assert report["ratios"]["perception_ms.p50 full/gaze"] is None  # no gaze mode here
     assert set(report["targets"]) == {t.label for t in TARGETS["text"]}
     assert all(t["met"] in (True, False) for t in report["targets"].values())
+    assert report["run"]["engine"]["engine"] == "text"
     machine = report["machine"]
     assert machine["cores"] >= 1 and "CPUExecutionProvider" in machine["providers"]["llm"]
     assert machine["packages"]["onnxruntime"]
@@ -171,3 +173,34 @@ def test_a_bad_baseline_is_one_line_and_exit_2_before_measuring(
 def test_unknown_modes_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "synthetic:demo", "--modes", "gaze,foveal", "--out", "/x.json"]) == 2
     assert "--modes" in capsys.readouterr().err
+
+
+def test_the_vlm_engine_s_stages_and_targets(
+    tiny_smolvlm: Path,
+    tiny_smolvlm_onnx: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # On the tiny RANDOM-weight SmolVLM (its answers are noise; its stages are timed as the
+    # real one's): the full frame's stock tiling against the gaze crop's one tile.
+    cache = require_models("ppocr-det", "ppocr-rec", "yolox-nano").models_dir
+    monkeypatch.setenv("GAZECAM_MODELS_DIR", str(tiny_smolvlm_onnx.parent))  # its conversion
+    monkeypatch.setenv("GAZECAM_MODEL_PATH", json.dumps([str(cache)]))
+    monkeypatch.setenv("GAZECAM_SYNTHETIC_DURATION_S", "8")
+    out = tmp_path / "vlm.json"
+    args = ["bench", "synthetic:demo", "--modes", "full,gaze-sparse", "--asks", "2"]
+    assert main([*args, "--engine", "vlm", "--vlm", str(tiny_smolvlm), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["run"]["engine"] == {
+        "engine": "vlm", "model": "random-smolvlm-tiny", "random_weights": True,
+    }  # fmt: skip
+    full, sparse = report["modes"]["full"], report["modes"]["gaze-sparse"]
+    for mode in (full, sparse):
+        assert mode["asks_timed"] == 2 and mode["vision_encode_ms"]["p50"] > 0
+    # 12 tiles and the global image against one tile and the thumbnail.
+    assert full["vision_encode_ms"]["p50"] > sparse["vision_encode_ms"]["p50"]
+    assert full["visual_kv"]["p50"] > 10 * 64 > sparse["visual_kv"]["p50"]
+    assert report["ratios"][ATTENDED] > 10
+    assert set(report["targets"]) == {t.label for t in TARGETS["vlm"]}
+    assert "vision_encode_ms" in capsys.readouterr().out

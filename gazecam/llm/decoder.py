@@ -50,7 +50,7 @@ from gazecam.records import Crop
 
 EMBEDDINGS = "embed_tokens.npz"  # as engines.smollm2_onnx writes it
 
-FORMAT_VERSION = 2  # of the converted folder; must match engines.smollm2_onnx.FORMAT_VERSION
+FORMAT_VERSION = 2  # of the converted folder; must match engines.llama_graph.FORMAT_VERSION
 CONVERTED_NAME = "smollm2-135m-onnx"
 CONTEXT, LOCAL = "context", "local"
 LOCAL_RESERVE = 512  # positions kept free after the regions for a question and its answer

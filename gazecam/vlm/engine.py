@@ -142,27 +142,41 @@ class VisionEncoder:
 
 
 def converted_vlm_dir(checkpoint: SmolVLMCheckpoint, models: ModelSettings) -> Path:
-    """The checkpoint converted to ONNX (decoder and vision encoders) in the models cache,
-    converting it on first use (the ``vlm-build`` extra: torch, transformers)."""
-    out = models.models_dir / f"{checkpoint.path.name}-onnx"
-    source = str(checkpoint.path.resolve())
-    try:
-        decoder = json.loads((out / "config.json").read_text())
-        vision = json.loads((out / "vision.json").read_text())
-        current = (decoder["format_version"], vision["format_version"], vision["source"]) == (
-            FORMAT_VERSION, VISION_FORMAT_VERSION, source,
-        )  # fmt: skip
-    except (OSError, ValueError, KeyError):
-        current = False
-    if current:
-        return out
+    """The checkpoint converted to ONNX (decoder and vision encoders): ``NAME-onnx`` beside
+    the checkpoint's name in a ``GAZECAM_MODEL_PATH`` folder or the cache, converted into the
+    cache on first use (the ``vlm-build`` extra: torch, transformers).
+
+    A conversion is used when its formats are the runtime's and its decoder has the
+    checkpoint's shape (a folder converted on another machine is taken; ``gazecam models
+    import`` removes the conversion of the checkpoint it replaces).
+    """
+    name = f"{checkpoint.path.name}-onnx"
+    for folder in (*models.model_path, models.models_dir):
+        if _conversion_of(checkpoint, folder / name):
+            return folder / name
     try:
         from engines.smolvlm_onnx import convert
     except ModuleNotFoundError as exc:
         raise MissingDependencyError(
             exc.name or "torch", "vlm-build", f"Converting {checkpoint.path} to ONNX"
         ) from exc
-    return convert(checkpoint.path, out)
+    return convert(checkpoint.path, models.models_dir / name)
+
+
+def _conversion_of(checkpoint: SmolVLMCheckpoint, folder: Path) -> bool:
+    try:
+        decoder = json.loads((folder / "config.json").read_text())
+        vision = json.loads((folder / "vision.json").read_text())
+        text = checkpoint.text
+        return bool(
+            (decoder["format_version"], vision["format_version"])
+            == (FORMAT_VERSION, VISION_FORMAT_VERSION)
+            and (decoder["layers"], decoder["hidden"], decoder["vocab"])
+            == (text.layers, text.hidden_size, text.vocab_size)
+            and decoder["random_weights"] == checkpoint.random_weights
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def image_parts(image: ImageTokens) -> list[str | Special | F32]:

@@ -10,6 +10,7 @@ downloads the Hub's files with ``huggingface_hub`` into such a folder first, the
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import sys
 from pathlib import Path
 
@@ -104,6 +105,8 @@ def import_checkpoint(
                         f"{name}: copying {source / file} into {settings.models_dir} failed "
                         f"({exc.strerror or exc})"
                     ) from exc
+    # Its ONNX conversion was of the checkpoint this one replaces: made anew at first use.
+    shutil.rmtree(settings.models_dir / f"{name}-onnx", ignore_errors=True)
     return dataclasses.replace(checkpoint, path=target)
 
 

@@ -3,6 +3,7 @@ preprocessing, encoder and decoder; keyframes as gaze-region KV groups; engine c
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from gazecam.assistant import load_engines
+from gazecam.cli import main
 from gazecam.llm import LLMSettings
 from gazecam.llm.decoder import GenerationStats, LanguageModel
 from gazecam.memory import MemorySettings
@@ -19,7 +21,8 @@ from gazecam.models import ModelSettings
 from gazecam.records import BGRImage, Box
 from gazecam.sources.synthetic import DemoScene
 from gazecam.vlm.checkpoint import CheckpointError, check_checkpoint
-from gazecam.vlm.engine import ImageTokens, VisionLanguageModel, VLMSettings
+from gazecam.vlm.engine import ImageTokens, VisionLanguageModel, VLMSettings, converted_vlm_dir
+from gazecam.vlm.install import import_checkpoint
 from gazecam.vlm.preprocess import crop_pixels, frame_pixels
 from tests.perception import make_crop, require_models
 
@@ -220,3 +223,48 @@ def test_engine_choice_and_the_text_fallback(
     # No checkpoint installed and none asked for: the text engine, nothing to warn about.
     plain = load_engines(LLMSettings(), ModelSettings(models_dir=tmp_path, model_path=[cache]))
     assert type(plain.model) is LanguageModel and plain.warning is None
+
+
+def test_a_conversion_is_found_beside_its_checkpoint_and_an_import_drops_it(
+    tiny_smolvlm: Path, tiny_smolvlm_onnx: Path, tmp_path: Path
+) -> None:
+    cache = ModelSettings(models_dir=tmp_path / "cache")
+    checkpoint = import_checkpoint("smolvlm-256m", tiny_smolvlm, cache)  # a custom size
+    converted = Path(shutil.copytree(tiny_smolvlm_onnx, cache.models_dir / "smolvlm-256m-onnx"))
+    assert converted_vlm_dir(checkpoint, cache) == converted
+    # A field engineer's folder (GAZECAM_MODEL_PATH) comes first.
+    elsewhere = Path(shutil.copytree(converted, tmp_path / "field" / "smolvlm-256m-onnx"))
+    field = cache.model_copy(update={"model_path": [elsewhere.parent]})
+    assert converted_vlm_dir(checkpoint, field) == elsewhere
+    # Importing a checkpoint anew drops the conversion of the one it replaces.
+    import_checkpoint("smolvlm-256m", tiny_smolvlm, cache)
+    assert not converted.exists() and elsewhere.exists()
+
+
+def test_ask_with_either_engine_from_the_command_line(
+    tiny_smolvlm: Path,
+    tiny_smolvlm_onnx: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cache = require_models("ppocr-det", "ppocr-rec", "smollm2-135m-gguf").models_dir
+    monkeypatch.setenv("GAZECAM_MODEL_PATH", json.dumps([str(cache)]))
+    monkeypatch.setenv("GAZECAM_MODELS_DIR", str(tiny_smolvlm_onnx.parent))
+    monkeypatch.setenv("GAZECAM_SYNTHETIC_DURATION_S", "8")
+    args = ["ask", "synthetic:demo", "What am I looking at?", "--at", "4", "--json"]
+    assert main([*args, "--engine", "vlm", "--vlm", str(tiny_smolvlm)]) == 0
+    blob = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert blob["engine"] == {
+        "engine": "vlm",
+        "model": "random-smolvlm-tiny",
+        "random_weights": True,
+    }
+    assert blob["timings"]["visual_kv"] > 49 and blob["crop"] is not None
+    # No checkpoint anywhere: vlm asked for by name is one line and exit 2.
+    monkeypatch.setenv("GAZECAM_MODELS_DIR", str(tmp_path))
+    monkeypatch.setenv("GAZECAM_ENGINE", "vlm")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gazecam: error: engine vlm: no SmolVLM checkpoint is installed")
+    assert len(err.splitlines()) == 1
