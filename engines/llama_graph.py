@@ -11,13 +11,20 @@ order, P may be 0; Hk KV heads of 64):
 
 - inputs: ``inputs_embeds`` float32 [1, T, hidden] (token embeddings, or a vision encoder's
   visual tokens: the same input, so both enter the KV cache alike), ``position_ids`` int64
-  [1, T], and per layer i
-  ``past_key_i`` / ``past_value_i`` float32 [1, Hk, P, 64]: keys already RoPE'd.
+  [1, T], ``past_length`` int64 [1]: P, and per layer i ``past_key_i`` / ``past_value_i``
+  float32 [1, Hk, C, 64], C ≥ P: KV buffers whose first P entries are attended (keys already
+  RoPE'd).
 - outputs: ``logits`` float32 [1, 1, V] for the LAST new token only (prefill never needs the
-  others, and the head is the biggest matmul); ``present_key_i`` / ``present_value_i``
-  [1, Hk, T, 64] for the new tokens only (RoPE'd keys); ``probe_query`` [1, H, T, 64]: the
-  RoPE'd queries of layer ``probe_layer`` (the middle one), used to score cached regions.
-- attention: every new token sees all P past entries, and the new tokens causally.
+  others, and the head is the biggest matmul); ``present_key_i`` / ``present_value_i``: the
+  buffers with the new tokens' entries (RoPE'd keys) at P..P+T−1; ``probe_query``
+  [1, H, T, 64]: the RoPE'd queries of layer ``probe_layer`` (the middle one), used to score
+  cached regions.
+- attention: every new token sees the P past entries, and the new tokens causally.
+
+The runtime binds each present buffer to its past buffer (ONNX Runtime I/O binding; C ≥ P + T):
+GroupQueryAttention then writes the new entries in place, and nothing else is copied. Fed
+plain arrays of exactly P entries instead, present is [1, Hk, P + T, 64]: the past, then the
+new entries.
 
 Linear layers are Q4_1 or Q8_0 blocks (``weight_bits`` 4 or 8, one kind per model), used
 exactly as given. A Q4_1 block is w = d·q + m (q in 0..15). ONNX Runtime's ``MatMulNBits``
@@ -48,7 +55,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from gazecam.models import folder_written_atomically
 
-FORMAT_VERSION = 2  # 2: inputs_embeds instead of input_ids, embed_tokens.npz
+# 2: inputs_embeds instead of input_ids, embed_tokens.npz; 3: past_length and shared KV buffers
+FORMAT_VERSION = 3
 # The Q8_0 token embedding: q int8 [V, hidden/32, 32], scales float32 [V, hidden/32].
 EMBEDDINGS = "embed_tokens.npz"
 BLOCK = 32  # elements per quantisation block (Q4_1, Q8_0 and MatMulNBits alike)
@@ -245,17 +253,16 @@ def build_graph(w: Weights) -> onnx.ModelProto:
     """The decoder graph (see the module docstring for its interface)."""
     a, g = w.arch, _Graph()
     acc, hd = a.accuracy_level, a.head_dim
-    # Shared: P, and P + T as GroupQueryAttention wants it: an int32 scalar, and [P + T - 1].
-    (past_len,) = g.op("Shape", ["past_key_0"], start=2, end=3)
+    # Shared: P + T as GroupQueryAttention wants it: an int32 scalar, and [P + T - 1].
     (new_len,) = g.op("Shape", ["inputs_embeds"], start=1, end=2)
-    (total_1d,) = g.op("Cast", g.op("Add", [past_len, new_len]), to=TensorProto.INT32)
+    (total_1d,) = g.op("Cast", g.op("Add", ["past_length", new_len]), to=TensorProto.INT32)
     (total,) = g.op("Squeeze", [total_1d])
     (seqlens_k,) = g.op("Sub", [total_1d, g.const("one_i32", np.array([1], np.int32))])
     inv_freq = a.rope_base ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
     angles = np.arange(a.max_positions, dtype=np.float64)[:, None] * inv_freq  # [max_pos, 32]
     cos = g.const("rope_cos", np.cos(angles).astype(np.float32))
     sin = g.const("rope_sin", np.sin(angles).astype(np.float32))
-    to_end, axis_2 = g.ints("to_end", 1 << 62), g.ints("axis_2", 2)
+    to_end = g.ints("to_end", 1 << 62)
 
     # The embedding lookup happens outside (``embed_tokens.npz``), so that visual tokens enter
     # the same input as text tokens do; the graph holds the table only as the tied head.
@@ -278,17 +285,16 @@ def build_graph(w: Weights) -> onnx.ModelProto:
             sin,
             "position_ids",
         ]
-        attn, key, value = g.op(
+        attn = f"{p}.attention"
+        g.op(
             "GroupQueryAttention",
             gqa_inputs,
-            3,
+            [attn, f"present_key_{i}", f"present_value_{i}"],
             num_heads=a.heads,
             kv_num_heads=a.kv_heads,
             do_rotary=1,
             rotary_interleaved=1,
-        )  # key, value: [1, Hk, P + T, 64], the past entries then the new ones
-        g.op("Slice", [key, past_len, to_end, axis_2], [f"present_key_{i}"])
-        g.op("Slice", [value, past_len, to_end, axis_2], [f"present_value_{i}"])
+        )  # present: the past entries, then the new ones (in place where bound to the past)
         if i == a.probe_layer:  # its queries, RoPE'd as the attention did: [1, H, T, 64]
             (q,) = g.op(
                 "Slice",
@@ -318,20 +324,18 @@ def build_graph(w: Weights) -> onnx.ModelProto:
 
 def _model(g: _Graph, a: Arch) -> onnx.ModelProto:
     f, i64 = TensorProto.FLOAT, TensorProto.INT64
-    kv_shape: list[str | int] = [1, a.kv_heads, "P", a.head_dim]
     inputs = [
         helper.make_tensor_value_info("inputs_embeds", f, [1, "T", a.hidden]),
         helper.make_tensor_value_info("position_ids", i64, [1, "T"]),
+        helper.make_tensor_value_info("past_length", i64, [1]),
     ]
     outputs = [helper.make_tensor_value_info("logits", f, [1, 1, a.vocab])]
     for i in range(a.layers):
         for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", f, kv_shape))
-            outputs.append(
-                helper.make_tensor_value_info(
-                    f"present_{kind}_{i}", f, [*kv_shape[:2], "T", a.head_dim]
-                )
-            )
+            shape: list[str | int] = [1, a.kv_heads, "C", a.head_dim]
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", f, shape))
+            shape = [1, a.kv_heads, "C_present", a.head_dim]
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", f, shape))
     outputs.append(helper.make_tensor_value_info("probe_query", f, [1, a.heads, "T", a.head_dim]))
     graph = helper.make_graph(g.nodes, "llama_decoder", inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]

@@ -39,6 +39,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gazecam.errors import ConfigError, MissingDependencyError
+from gazecam.llm.binding import BoundKV, Outputs
 from gazecam.llm.kv import GroupKind, KVCache, KVGroup
 from gazecam.llm.sampling import sample, stream_piece
 from gazecam.llm.settings import LLMSettings
@@ -50,7 +51,7 @@ from gazecam.records import Crop
 
 EMBEDDINGS = "embed_tokens.npz"  # as engines.smollm2_onnx writes it
 
-FORMAT_VERSION = 2  # of the converted folder; must match engines.llama_graph.FORMAT_VERSION
+FORMAT_VERSION = 3  # of the converted folder; must match engines.llama_graph.FORMAT_VERSION
 CONVERTED_NAME = "smollm2-135m-onnx"
 CONTEXT, LOCAL = "context", "local"
 LOCAL_RESERVE = 512  # positions kept free after the regions for a question and its answer
@@ -78,6 +79,9 @@ class GenerationStats:
     attended_visual_kv: list[int]  # region entries attended per model step: prefill, decodes
     visual_kv_total: int  # region entries in memory
     selected_regions: list[str] = field(default_factory=list)  # for the first decoding step
+    # Decoding steps whose top-k regions differ from the step before's (the attended entries
+    # are then laid out anew in the session's buffers; otherwise nothing is copied).
+    selection_changes: int = 0
     stop_reason: StopReason = "max_tokens"
 
 
@@ -127,14 +131,6 @@ class TokenEmbeddings:
         return rows.reshape(len(index), -1)
 
 
-@dataclass(frozen=True, slots=True)
-class _Step:
-    logits: NDArray[np.float32]  # [V], last token
-    keys: NDArray[np.float32]  # [layers, kv_heads, T, head_dim]
-    values: NDArray[np.float32]
-    probe: NDArray[np.float32]  # [heads, T, head_dim]
-
-
 def converted_model_dir(settings: LLMSettings, models: ModelSettings) -> Path:
     """The converted model folder: the configured one, or the cache's (converted once)."""
     if settings.llm_model_dir is not None:
@@ -177,7 +173,7 @@ class LanguageModel:
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.settings.llm_threads
-        # Between steps numpy (gather, selection) and perception need the same few cores.
+        # Between steps numpy (selection, KV layout) and perception need the same few cores.
         spinning = "1" if self.settings.llm_thread_spinning else "0"
         options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         try:
@@ -196,9 +192,7 @@ class LanguageModel:
         self.layers, self.max_positions = int(c["layers"]), int(c["max_positions"])
         self.probe_layer = int(c["probe_layer"])
         self.cache = KVCache(self.layers, c["kv_heads"], c["head_dim"], c["rope_base"])
-        self._outputs = ["logits", "probe_query"] + [
-            f"present_{kind}_{i}" for kind in ("key", "value") for i in range(self.layers)
-        ]
+        self._bound = BoundKV(self.session, self.layers, c["kv_heads"], c["head_dim"])
         self._lock = threading.RLock()
         self._context_text: str | None = None
         # The whole-frame thumbnail width this engine wants beside each crop (0: none), and
@@ -253,7 +247,8 @@ class LanguageModel:
             self._check_positions(len(ids))
             step = self._forward(self.embeddings.lookup(ids), np.arange(len(ids)), [])
             self.cache.drop(CONTEXT)
-            self.cache.put(CONTEXT, "context", step.keys, step.values, np.arange(len(ids)))
+            positions = np.arange(len(ids))
+            self._bound.label(self.cache.put(CONTEXT, "context", step.keys, step.values, positions))
             self._pack()
             self._context_text = text
 
@@ -362,11 +357,12 @@ class LanguageModel:
             frames, regions = self.cache.of_kind("frame"), self.cache.of_kind("region")
             context = [*self.cache.of_kind("context"), *frames]  # always attended
             step = self._forward(self.embeddings.lookup(ids), positions, [*context, *regions])
-            self.cache.put(LOCAL, "local", step.keys, step.values, positions)
+            self._bound.label(self.cache.put(LOCAL, "local", step.keys, step.values, positions))
             frame_kv = sum(g.size for g in frames)
             attended = [frame_kv + sum(g.size for g in regions)]
             chosen = self._choose(step.probe, regions, k)
         selected = [g.group_id.removeprefix("region:") for g in chosen]
+        changes = 0
         position += len(ids)
         generated: list[int] = []
         token_times: list[float] = []
@@ -394,13 +390,15 @@ class LanguageModel:
                 local = self.cache.groups[LOCAL]
                 # The previous step's probe query chooses (for the first step, the question's:
                 # the same choice unless regions changed meanwhile).
-                chosen = self._choose(step.probe, self.cache.of_kind("region"), k)
+                before, chosen = chosen, self._choose(step.probe, self.cache.of_kind("region"), k)
+                changes += [g.serial for g in chosen] != [g.serial for g in before]
                 step = self._forward(
                     self.embeddings.lookup([token]),
                     np.array([position]),
                     [*context, *chosen, local],
                 )
-                self.cache.put(LOCAL, "local", step.keys, step.values, np.array([position]))
+                at = np.array([position])
+                self._bound.label(self.cache.put(LOCAL, "local", step.keys, step.values, at))
             attended.append(sum(g.size for g in frames) + sum(g.size for g in chosen))
             position += 1
         if reason != "stop" and emitted < len(text := self._text(generated, strip_leading_space)):
@@ -414,6 +412,7 @@ class LanguageModel:
             attended_visual_kv=attended,
             visual_kv_total=self.cache.entries("region") + self.cache.entries("frame"),
             selected_regions=selected,
+            selection_changes=changes,
             stop_reason=reason,
         )
 
@@ -435,24 +434,10 @@ class LanguageModel:
 
     def _forward(
         self, embeds: NDArray[np.float32], positions: NDArray[np.int64], attend: Sequence[KVGroup]
-    ) -> _Step:
+    ) -> Outputs:
         """Run the graph on new tokens ([T, hidden] embeddings) attending to these groups'
-        entries (in this order)."""
-        keys, values = self.cache.gather(attend)  # [layers, kv_heads, P, head_dim]
-        feed = {
-            "inputs_embeds": np.ascontiguousarray(embeds, np.float32)[None],
-            "position_ids": np.asarray(positions, np.int64)[None],
-        }
-        for i in range(self.layers):
-            feed[f"past_key_{i}"], feed[f"past_value_{i}"] = keys[i][None], values[i][None]
-        out = self.session.run(self._outputs, feed)
-        n = self.layers
-        return _Step(
-            logits=out[0][0, -1],
-            keys=np.concatenate(out[2 : 2 + n]),
-            values=np.concatenate(out[2 + n :]),
-            probe=out[1][0],
-        )
+        entries; the new entries' keys and values are valid until the next run."""
+        return self._bound.run(embeds, positions, attend, self.cache)
 
     def _pack(self) -> int:
         """Move the units in memory right after the context, in order, each keeping its own

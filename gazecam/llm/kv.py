@@ -15,18 +15,19 @@ Groups prefilled together in one pass (a keyframe's frame and region groups) for
 they are moved and forgotten together, and their positions may interleave (a 2×2 block of an
 image's token grid is not contiguous in the sequence).
 
-The model attends to any subset: ``gather`` copies the chosen groups' entries into contiguous
-[layers, kv_heads, P, head_dim] arrays, in the order given. Keys are cached already rotated, so a
-group can be moved to other positions by rotating its keys further (``shift``): RoPE turns each
-pair (2i, 2i + 1) of a key at position p by p·θ_i, and turning it by δ·θ_i more is the same key
-at p + δ (what the model would have computed, up to the attention to the context, which is
-not recomputed).
+The model attends to any subset: ``gazecam.llm.binding`` lays the chosen groups' entries out
+in the session's KV buffers (copying only what they do not hold yet). Keys are cached already
+rotated, so a group can be moved to other positions by rotating its keys further (``shift``):
+RoPE turns each pair (2i, 2i + 1) of a key at position p by p·θ_i, and turning it by δ·θ_i
+more is the same key at p + δ (what the model would have computed, up to the attention to the
+context, which is not recomputed).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -34,6 +35,9 @@ from numpy.typing import NDArray
 
 GroupKind = Literal["context", "frame", "region", "local"]
 F32 = NDArray[np.float32]
+
+
+_serials = itertools.count()
 
 
 @dataclass(slots=True)
@@ -46,6 +50,9 @@ class KVGroup:
     positions: NDArray[np.int64]  # [n]: their RoPE positions
     gaze_prior: float = 0.0  # regions: 0..1, 1 = under the gaze point
     unit: str = ""  # the groups prefilled with it in one pass ("": only itself)
+    # New for every group made and after every shift: entries copied elsewhere (the session's
+    # KV buffers) are known to be this group's as they are now only while it is unchanged.
+    serial: int = field(default_factory=lambda: next(_serials))
 
     @property
     def size(self) -> int:
@@ -138,11 +145,6 @@ class KVCache:
         """One past the last position used by groups of these kinds."""
         return max((g.end_position for g in self.groups.values() if g.kind in kinds), default=0)
 
-    def gather(self, groups: Sequence[KVGroup]) -> tuple[F32, F32]:
-        """Keys and values of these groups' entries, concatenated: [layers, kv_heads, P, dim]."""
-        slots = np.concatenate([g.slots for g in groups]) if groups else np.zeros(0, np.int64)
-        return self.keys[:, :, slots], self.values[:, :, slots]
-
     def layer_keys(self, layer: int, groups: Sequence[KVGroup]) -> F32:
         """One layer's keys of these groups' entries, concatenated: [kv_heads, N, head_dim]."""
         keys: F32 = self.keys[layer][:, np.concatenate([g.slots for g in groups])]
@@ -160,6 +162,7 @@ class KVCache:
         k[..., 1::2] = even * sin + odd * cos
         self.keys[:, :, group.slots] = k
         group.positions = group.positions + delta
+        group.serial = next(_serials)
 
     def _allocate(self, count: int) -> NDArray[np.int64]:
         free = np.flatnonzero(~self._used)

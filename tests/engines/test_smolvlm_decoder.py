@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from engines.llama_graph import FORMAT_VERSION
 from engines.smolvlm_onnx import convert
 from gazecam.sources.synthetic import DemoScene
 
@@ -85,11 +86,11 @@ class Decoder:
         t = len(embeds)
         positions = np.arange(self.position, self.position + t, dtype=np.int64)[None]
         feed = {"inputs_embeds": embeds[None].astype(np.float32), "position_ids": positions}
+        feed["past_length"] = np.array([self.position], np.int64)
         names = [o.name for o in self.session.get_outputs()]
         out = dict(zip(names, self.session.run(None, {**feed, **self.past}), strict=True))
-        for name in self.past:
-            present = out[name.replace("past_", "present_")]
-            self.past[name] = np.concatenate([self.past[name], present], axis=2)
+        for name in self.past:  # fed exact arrays, present is the past then the new entries
+            self.past[name] = out[name.replace("past_", "present_")]
         self.position += t
         return np.asarray(out["logits"][0, -1])
 
@@ -109,7 +110,7 @@ def margin(logits: np.ndarray) -> float:
 
 def test_the_decoder_folder_says_what_it_is(tiny_smolvlm_onnx: Path) -> None:
     config = json.loads((tiny_smolvlm_onnx / "config.json").read_text())
-    assert config["format_version"] == 2 and config["chat_format"] == "smolvlm"
+    assert config["format_version"] == FORMAT_VERSION and config["chat_format"] == "smolvlm"
     assert config["weight_bits"] == 8 and config["accuracy_level"] == 0
     assert config["image_token_id"] == 49190 and config["random_weights"] is True
     assert config["name"] == "random-smolvlm-tiny"

@@ -194,12 +194,15 @@ def test_shifting_keys_equals_computing_them_at_the_new_position(tiny_lm: Langua
     # the keys computed at the new position.
     ids = tiny_lm.tokenizer.encode("- text 'PUSH'\n")
     embeds = tiny_lm.embeddings.lookup(ids)
-    at = {p: tiny_lm._forward(embeds, np.arange(p, p + len(ids)), []) for p in (7, 300)}
+    # The keys of a run are views of the session's buffers, valid until the next run.
+    keys = {
+        p: tiny_lm._forward(embeds, np.arange(p, p + len(ids)), []).keys.copy() for p in (7, 300)
+    }
     cache = KVCache(2, 1, 64, 10000.0)
-    group = cache.put("g", "region", at[7].keys, at[7].values, np.arange(7, 7 + len(ids)))
+    group = cache.put("g", "region", keys[7], keys[7], np.arange(7, 7 + len(ids)))
     cache.shift(group, 293)
     assert group.positions.tolist() == list(range(300, 300 + len(ids)))
-    np.testing.assert_allclose(cache.keys[0][:, group.slots], at[300].keys[0], atol=1e-5)
+    np.testing.assert_allclose(cache.keys[0][:, group.slots], keys[300][0], atol=1e-5)
 
 
 def test_regions_are_packed_when_positions_run_out(tiny_lm: LanguageModel) -> None:
@@ -314,3 +317,38 @@ def test_a_unit_is_prefilled_once_and_kept_as_interleaved_groups(
         assert tiny_lm.cache.groups[g].positions.tolist() == (positions + delta).tolist()
     assert tiny_lm.drop_unit("k") and not tiny_lm.drop_unit("k")
     assert set(tiny_lm.cache.groups) == {"context", "local"}
+
+
+@pytest.mark.parametrize("k", [None, 2])
+def test_a_step_copies_only_the_entries_the_bound_buffers_lack(
+    tiny_lm: LanguageModel, monkeypatch: pytest.MonkeyPatch, k: int | None
+) -> None:
+    fill(tiny_lm)
+    bound = tiny_lm._bound
+    runs: list[tuple[list[str], int]] = []  # attended groups, entries copied in for the run
+    run = bound.run
+
+    def spy(embeds: np.ndarray, positions: np.ndarray, attend: list[KVGroup], cache: KVCache):  # type: ignore[no-untyped-def]
+        before = bound.copied_entries
+        out = run(embeds, positions, attend, cache)
+        runs.append(([g.group_id for g in attend], bound.copied_entries - before))
+        return out
+
+    monkeypatch.setattr(bound, "run", spy)
+    _, stats = answer(tiny_lm, "Which valve?", top_k_regions=k, max_tokens=12)
+    region_entries = tiny_lm.cache.entries("region")
+    # The question's pass: the regions, prefilled one after another into the same place after
+    # the context, are copied in once; the context stayed where set_context left it.
+    assert runs[0][1] == region_entries
+    steps = runs[1:]
+    assert len(steps) == stats.generated_tokens - 1 >= 5
+    for (before, _), (now, copied) in itertools.pairwise([runs[0], *steps]):
+        if set(now) == set(before) | {"local"}:
+            assert copied == 0  # the same groups: the new token's entries are already in place
+        else:  # another choice: the regions newly chosen, and the local group after them
+            assert copied > 0
+    if k is None:
+        assert all(copied == 0 for _, copied in steps) and stats.selection_changes == 0
+    else:
+        changed = sum(c > 0 for _, c in steps[1:])
+        assert stats.selection_changes == changed

@@ -1,0 +1,154 @@
+"""The decoder's KV buffers, bound to the ONNX Runtime session: a step without avoidable copies.
+
+The graph (``engines/llama_graph.py``) attends to the first P entries of per-layer KV buffers
+[1, Hk, C, 64] and writes the new tokens' entries right after them. Each buffer is bound as
+both the layer's past input and its present output (I/O binding), so GroupQueryAttention
+writes in place, and a step copies nothing it does not have to:
+
+- the buffers remember which groups' entries they hold, in order (``layout``); a step whose
+  attended groups include the start of that layout keeps it, and only the groups missing
+  from it are copied in from the cache (attention does not depend on the order of the past
+  entries: their keys carry their positions). A decoding step that attends the same groups
+  as the last one (the top-k selection rarely changes) copies nothing;
+- the new entries of a step land after the attended ones; ``label`` records them as the end
+  of the group they were stored in (the question and answer's local group), so the next step
+  finds them in place.
+
+A group is known by its id and serial (``KVGroup.serial``: new for every group made, and
+after a ``shift``), so a group replaced or moved is never taken for its old entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from gazecam.llm.kv import KVCache, KVGroup
+
+F32 = NDArray[np.float32]
+
+
+@dataclass(slots=True)
+class Segment:
+    """Entries of one group, laid out contiguously in the buffers."""
+
+    group_id: str
+    serial: int  # the group's serial when they were written; -1: entries no group claimed
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outputs:
+    """One run's outputs; ``keys``/``values`` are views of the new entries in the buffers,
+    valid until the next run."""
+
+    logits: F32  # [V], last token
+    keys: F32  # [layers, kv_heads, T, head_dim]
+    values: F32
+    probe: F32  # [heads, T, head_dim]
+
+
+class BoundKV:
+    """Per-layer KV buffers bound to a session, and the groups they hold."""
+
+    def __init__(self, session: Any, layers: int, kv_heads: int, head_dim: int) -> None:
+        self.session = session
+        self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
+        self.layout: list[Segment] = []
+        self.copied_entries = 0  # entries copied in from the cache (all runs), for benchmarks
+        self._binding: Any = None
+        self.keys: F32 = np.zeros(0, np.float32)
+        self.values: F32 = np.zeros(0, np.float32)
+        self._allocate(1024)
+
+    @property
+    def capacity(self) -> int:
+        """Entries each buffer holds."""
+        return int(self.keys.shape[3])
+
+    def _allocate(self, capacity: int) -> None:
+        """New buffers [layers, 1, Hk, capacity, 64] (what they held is forgotten)."""
+        import onnxruntime as ort
+
+        shape = (self.layers, 1, self.kv_heads, capacity, self.head_dim)
+        self.keys, self.values = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        binding = self.session.io_binding()
+        for i in range(self.layers):
+            for kind, buffers in (("key", self.keys), ("value", self.values)):
+                value = ort.OrtValue.ortvalue_from_numpy(buffers[i])  # shares its memory
+                binding.bind_ortvalue_input(f"past_{kind}_{i}", value)
+                binding.bind_ortvalue_output(f"present_{kind}_{i}", value)
+        self._binding = binding
+        self.layout = []
+
+    def run(
+        self, embeds: F32, positions: NDArray[np.int64], attend: Sequence[KVGroup], cache: KVCache
+    ) -> Outputs:
+        """Run the graph on new tokens ([T, hidden]) attending to these groups' entries."""
+        past = self._prepare(attend, cache, len(embeds))
+        binding = self._binding
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, np.float32)[None])
+        binding.bind_cpu_input("position_ids", np.asarray(positions, np.int64)[None])
+        binding.bind_cpu_input("past_length", np.array([past], np.int64))
+        # Bound anew each run: ONNX Runtime keeps the last run's outputs bound, of its T.
+        binding.bind_output("logits")
+        binding.bind_output("probe_query")
+        self.session.run_with_iobinding(binding)
+        *_, logits, probe = binding.get_outputs()  # bound in this order
+        new = slice(past, past + len(embeds))
+        self.layout.append(Segment("", -1, len(embeds)))
+        return Outputs(
+            logits=logits.numpy()[0, -1],
+            keys=self.keys[:, 0, :, new],
+            values=self.values[:, 0, :, new],
+            probe=probe.numpy()[0],
+        )
+
+    def label(self, group: KVGroup) -> None:
+        """The last run's new entries are the end of ``group`` (now stored in the cache)."""
+        new = self.layout.pop()
+        last = self.layout[-1] if self.layout else None
+        if last is not None and (last.group_id, last.serial) == (group.group_id, group.serial):
+            last.count += new.count
+        else:
+            self.layout.append(Segment(group.group_id, group.serial, new.count))
+        end = self.layout[-1]
+        if end.count != group.size:  # not the group's entries in order: not reusable
+            self.layout.pop()
+
+    def _prepare(self, attend: Sequence[KVGroup], cache: KVCache, new: int) -> int:
+        """Lay out the attended groups' entries first in the buffers; their number (P)."""
+        needed = sum(g.size for g in attend) + new
+        if needed > self.capacity:
+            self._allocate(max(2 * self.capacity, needed))
+        wanted = {g.group_id: g for g in attend}
+        kept, past = 0, 0
+        for segment in self.layout:
+            group = wanted.get(segment.group_id)
+            if group is None or group.serial != segment.serial or segment.count > group.size:
+                break
+            kept += 1
+            past += segment.count
+            if segment.count < group.size:  # grew since: its new entries go right after
+                self._write(cache, group.slots[segment.count :], past)
+                past += group.size - segment.count
+                segment.count = group.size
+                break
+        del self.layout[kept:]
+        placed = {s.group_id for s in self.layout}
+        for group in attend:
+            if group.group_id not in placed and group.size:
+                self._write(cache, group.slots, past)
+                self.layout.append(Segment(group.group_id, group.serial, group.size))
+                past += group.size
+        return past
+
+    def _write(self, cache: KVCache, slots: NDArray[np.int64], at: int) -> None:
+        end = at + len(slots)
+        self.keys[:, 0, :, at:end] = cache.keys[:, :, slots]
+        self.values[:, 0, :, at:end] = cache.values[:, :, slots]
+        self.copied_entries += len(slots)
