@@ -1,10 +1,13 @@
-"""LanguageModel: SmolLM2 on ONNX Runtime with our own KV cache, region groups and decode loop.
+"""LanguageModel: a llama decoder on ONNX Runtime with our own KV cache, groups and decode loop.
 
-The prompt is prefilled in independent pieces (see ``gazecam.llm.tokenizer``):
+One runtime for both answer engines: SmolLM2 with perception's regions as text (this class),
+and SmolVLM's decoder with a vision encoder's visual tokens (``gazecam.vlm.engine``, a
+subclass). The prompt is prefilled in independent pieces (see ``gazecam.llm.tokenizer``):
 
 - the context (``set_context``) at positions 0..C-1, attending to itself;
 - each region (``add_region``) as its own group at the next free positions, attending to the
-  context only, so regions are independent and can be added whenever perception finishes;
+  context only, so regions are independent and can be added whenever perception finishes (a
+  keyframe's visual tokens are one such unit, kept as several groups: ``add_unit``);
 - the question (``generate``) after the last region, in ONE pass attending to the context and
   ALL regions: it gives the question's KV entries, the first token, and the probe-layer queries
   that choose the top-k regions (``gazecam.llm.sparse``). Each decoding step then attends to
@@ -20,7 +23,8 @@ as long as the two passes (57 against 58 ms for a 25-token question on the 2-cor
 Positions only grow while regions are added; when they would run into the model's limit, the
 regions in memory are packed right after the context by rotating their cached keys (``shift``).
 Each question starts a new local group (no conversation history). The graph returns the last
-token's logits only. One ``generate`` at a time; ``add_region``/``drop_region``/``set_context``
+token's logits only; its KV buffers stay bound to the session, holding the attended entries
+(``gazecam.llm.binding``), so a decoding step copies only what changed. One ``generate`` at a time; ``add_region``/``drop_region``/``set_context``
 may come from other threads and take effect between its steps (a lock guards the cache).
 """
 
