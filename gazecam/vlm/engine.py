@@ -112,10 +112,14 @@ class VisionEncoder:
         return sorted(int(s) for s in self.info["tiles"])
 
     def encode(self, pixel_values: F32) -> F32:
-        """Pixel values [n, 3, S, S] → visual tokens [n, T, hidden]."""
-        size = pixel_values.shape[-1]
-        session = self._session(size)
-        tokens: F32 = session.run(None, {"pixel_values": pixel_values})[0]
+        """Pixel values [n, 3, S, S] → visual tokens [n, T, hidden].
+
+        One tile per run: a batch is no faster on a CPU, and its attention matrices
+        ([n, 12, 1024, 1024] floats per layer at 512 px) would take 50 MB per tile.
+        """
+        session = self._session(pixel_values.shape[-1])
+        tiles = [session.run(None, {"pixel_values": tile[None]})[0] for tile in pixel_values]
+        tokens: F32 = np.concatenate(tiles)
         return tokens
 
     def _session(self, size: int) -> Any:
