@@ -24,8 +24,9 @@ Positions only grow while regions are added; when they would run into the model'
 regions in memory are packed right after the context by rotating their cached keys (``shift``).
 Each question starts a new local group (no conversation history). The graph returns the last
 token's logits only; its KV buffers stay bound to the session, holding the attended entries
-(``gazecam.llm.binding``), so a decoding step copies only what changed. One ``generate`` at a time; ``add_region``/``drop_region``/``set_context``
-may come from other threads and take effect between its steps (a lock guards the cache).
+(``gazecam.llm.binding``), so a decoding step copies only what changed. One ``generate`` at a
+time; ``add_region``/``drop_region``/``set_context`` may come from other threads and take
+effect between its steps (a lock guards the cache).
 """
 
 from __future__ import annotations

@@ -217,6 +217,13 @@ class VisionLanguageModel(LanguageModel):
         self.vlm = settings or VLMSettings()
         self.memory = memory or MemorySettings()
         self.encoder = VisionEncoder(folder, self.vlm.vlm_int8, llm)
+        missing = {self.vlm.vlm_tile_px, self.vlm.vlm_thumbnail_px} - set(self.encoder.tile_sizes)
+        if missing:
+            raise ModelError(
+                f"{folder / 'vision.json'}: no vision encoder for {sorted(missing)} px tiles "
+                f"(GAZECAM_VLM_TILE_PX, GAZECAM_VLM_THUMBNAIL_PX); convert them with "
+                f"python -m engines.smolvlm_onnx {checkpoint.path} {folder}"
+            )
         self.preprocess = PreprocessConfig.load(checkpoint.path)
         self.checkpoint = checkpoint
         name = str(self.config.get("name") or checkpoint.path.name)
