@@ -117,6 +117,10 @@ def bench_question(lm: LanguageModel, repeats: int) -> dict[str, Any]:
             | {"mean": float(np.mean(attended))},
             "visual_kv_total": runs[0].visual_kv_total,
             "selected_regions": runs[0].selected_regions,
+            # How often a decoding step's top-k differs from the step before's (then its
+            # entries are laid out anew in the session's buffers; otherwise nothing is copied).
+            "selection_changes_per_step": sum(s.selection_changes for s in runs)
+            / max(1, sum(s.generated_tokens - 1 for s in runs)),
         }
     for region_id in lm.region_ids:
         lm.drop_region(region_id)
@@ -158,6 +162,8 @@ def main() -> None:
         kv = r.get("attended_visual_kv_per_step", {}).get("mean", 0.0)
         ttft, tpot = r["ttft_ms"]["p50"], r["tpot_ms"]["p50"]
         print(f"  {name:12s} {ttft:9.1f} {tpot:9.2f} {r['tokens_s']:7.1f} {kv:15.1f}")
+    changes = q["top4"]["selection_changes_per_step"]
+    print(f"  top-4 selection changed at {changes:.0%} of the decoding steps")
     tokens_s = q["top4"]["tokens_s"]
     report["targets"] = {
         "decode_tokens_s": {
