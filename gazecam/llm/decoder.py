@@ -87,6 +87,7 @@ class GenerationStats:
     # Decoding steps whose top-k regions differ from the step before's (the attended entries
     # are then laid out anew in the session's buffers; otherwise nothing is copied).
     selection_changes: int = 0
+    token_ids: list[int] = field(default_factory=list)  # the answer's tokens (stop token aside)
     stop_reason: StopReason = "max_tokens"
 
 
@@ -418,6 +419,7 @@ class LanguageModel:
             visual_kv_total=self.cache.entries("region") + self.cache.entries("frame"),
             selected_regions=selected,
             selection_changes=changes,
+            token_ids=generated,
             stop_reason=reason,
         )
 
