@@ -40,14 +40,16 @@ class Engine(Protocol):
 
 
 class LlamaEngine:
-    """llama-cpp-python's low-level ``eval``: the KV cache is truncated to ``n_tokens``."""
+    """llama-cpp-python's ``eval``; the KV cache is truncated to ``n_tokens`` at the next one."""
 
     def __init__(self, model: str) -> None:
-        from llama_cpp import Llama
+        import llama_cpp
 
         kw: dict[str, Any] = dict(n_ctx=MAX_LENGTH, n_threads=THREADS, n_threads_batch=THREADS)
         # The GGUF is memory-mapped, so the two contexts share one copy of the weights.
-        self.slots = {s: Llama(model, verbose=False, **kw) for s in ("memory", "scratch")}
+        self.slots = {s: llama_cpp.Llama(model, verbose=False, **kw) for s in ("memory", "scratch")}
+        self.get_logits = llama_cpp.llama_get_logits_ith
+        self.vocab = self.slots["memory"].n_vocab()
         self.info = {"n_batch": self.slots["memory"].n_batch, "threads": THREADS}
 
     def reset(self, slot: str, keep: int) -> None:
@@ -59,7 +61,10 @@ class LlamaEngine:
 
     def next_token(self, slot: str) -> int:
         llm = self.slots[slot]
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        # The last evaluated token's logits, read in place (Llama.scores holds them only with
+        # logits_all, which would compute every prompt position's).
+        logits = np.ctypeslib.as_array(self.get_logits(llm.ctx, -1), shape=(self.vocab,))
+        token = int(np.argmax(logits))
         llm.eval([token])  # the KV of the chosen token, and the logits of the next
         return token
 
