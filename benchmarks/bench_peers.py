@@ -12,11 +12,11 @@ that the rounds interleave without reloading. Every engine runs on 2 threads.
 
 Workloads, on the token ids gazecam's tokenizer and templates make:
 
-1. Ask with memory: a ~158-token context and 40 regions (866 entries) in memory, a 27-token
+1. Ask with memory: a 158-token context and 40 regions (866 entries) in memory, a 27-token
    question, 40 tokens decoded. gazecam keeps the regions as its KV groups (top-4 and dense);
    the peers keep the same ids as one causal prefix in their KV cache, evaluated once, and roll
    back to it before each question. TTFT, and decoding in tokens/s.
-2. ~1,051 tokens prefilled cold: gazecam's ``set_context`` of a text new to it; the peers from
+2. 1,051 tokens prefilled cold: gazecam's ``set_context`` of a text new to it; the peers from
    an empty cache.
 3. A 16-token prompt, 128 tokens decoded.
 
@@ -218,7 +218,7 @@ class Workloads:
 ROWS = [  # (label, workload, metric, unit, higher is better)
     ("ask with memory: TTFT", "ask", "ttft_ms", "ms", False),
     ("ask with memory: decode 40 tokens", "ask", "decode_tokens_s", "tok/s", True),
-    ("~1,051 tokens prefilled cold", "prefill", "tokens_s", "tok/s", True),
+    ("1,051 tokens prefilled cold", "prefill", "tokens_s", "tok/s", True),
     ("16-token prompt, 128 tokens decoded", "short", "decode_tokens_s", "tok/s", True),
 ]
 COLUMNS = {"gazecam_sparse": "gazecam sparse (k=4)", "gazecam_dense": "gazecam dense"}
