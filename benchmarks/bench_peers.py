@@ -22,7 +22,8 @@ Workloads, on the token ids gazecam's tokenizer and templates make:
 
 Every engine decodes exactly the tokens asked for, end-of-sequence ignored (gazecam: its stop
 ids cleared while the benchmark runs). One warm-up round, then ``--rounds`` rounds; each runs
-every engine once per workload, in an order that rotates from round to round. Medians and p90.
+every engine once per workload, in an order that rotates from round to round. Medians, with
+the 10th and 90th percentiles.
 """
 
 from __future__ import annotations
@@ -257,10 +258,12 @@ def measure(w: Workloads, rounds: int) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def summarize(samples: dict[str, Any]) -> dict[str, Any]:
-    """Per row: each engine's p50/p90, and gazecam's ratios to each peer (on the p50)."""
+    """Per row: each engine's p10/p50/p90, and gazecam's ratios to each peer (on the p50)."""
     table: dict[str, Any] = {}
     for label, workload, metric, unit, higher in ROWS:
-        values = {e: pct(samples[f"{workload}.{metric}"][e], 50, 90) for e in engines_of(workload)}
+        values = {
+            e: pct(samples[f"{workload}.{metric}"][e], 10, 50, 90) for e in engines_of(workload)
+        }
         ratios = {
             f"{gz}/{peer}": values[gz]["p50"] / values[peer]["p50"]
             for gz in values
@@ -273,13 +276,14 @@ def summarize(samples: dict[str, Any]) -> dict[str, Any]:
 
 
 def print_table(table: dict[str, Any]) -> None:
-    """The issue's table (medians, p90 in brackets), then gazecam / peer per row."""
+    """The issue's table (medians, p10–p90 in brackets), then gazecam / peer per row."""
     pairs = [(g, p) for g in ("gazecam_sparse", "gazecam_dense") for p in PEERS]
     print("\n| workload | " + " | ".join(COLUMNS.values()) + " |")
     print("|---" * (len(COLUMNS) + 1) + "|")
     for label, row in table.items():
+        unit, engines = row["unit"], row["engines"]
         cells = [
-            f"{p['p50']:.0f} {row['unit']} (p90 {p['p90']:.0f})" if (p := row["engines"].get(e))
+            f"{p['p50']:.0f} {unit} ({p['p10']:.0f}–{p['p90']:.0f})" if (p := engines.get(e))
             else "—"
             for e in COLUMNS
         ]  # fmt: skip
