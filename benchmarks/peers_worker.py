@@ -50,23 +50,28 @@ class LlamaEngine:
         self.slots = {s: llama_cpp.Llama(model, verbose=False, **kw) for s in ("memory", "scratch")}
         self.get_logits = llama_cpp.llama_get_logits_ith
         self.vocab = self.slots["memory"].n_vocab()
+        self.chosen: dict[str, int] = {}  # per slot: the token chosen last, not yet evaluated
         self.info = {"n_batch": self.slots["memory"].n_batch, "threads": THREADS}
 
     def reset(self, slot: str, keep: int) -> None:
         # eval() removes the cache entries past n_tokens before it appends.
         self.slots[slot].n_tokens = keep
+        self.chosen.pop(slot, None)
 
     def prefill(self, slot: str, ids: list[int]) -> None:
         self.slots[slot].eval(ids)
 
     def next_token(self, slot: str) -> int:
+        # As genai's generate_next_token: first the model on the token chosen last (none after
+        # a prefill), then the choice; so the first token costs no decoding step.
         llm = self.slots[slot]
+        if slot in self.chosen:
+            llm.eval([self.chosen[slot]])
         # The last evaluated token's logits, read in place (Llama.scores holds them only with
         # logits_all, which would compute every prompt position's).
         logits = np.ctypeslib.as_array(self.get_logits(llm.ctx, -1), shape=(self.vocab,))
-        token = int(np.argmax(logits))
-        llm.eval([token])  # the KV of the chosen token, and the logits of the next
-        return token
+        self.chosen[slot] = int(np.argmax(logits))
+        return self.chosen[slot]
 
 
 class GenaiEngine:
@@ -80,7 +85,6 @@ class GenaiEngine:
         config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
         self.og, self.model = og, og.Model(config)
         self.slots = {s: self._generator() for s in ("memory", "scratch")}
-        self.pending: dict[str, bool] = {}
         self.info = {"threads": THREADS, "version": og.__version__}
 
     def _generator(self) -> Any:
@@ -100,7 +104,7 @@ class GenaiEngine:
 
     def next_token(self, slot: str) -> int:
         # generate_next_token first runs the model on the token chosen last (none after a
-        # prefill), then chooses; so a step's cost lands in the next call, as in llama's loop.
+        # prefill), then chooses.
         gen = self.slots[slot]
         gen.generate_next_token()
         return int(gen.get_next_tokens()[0])
