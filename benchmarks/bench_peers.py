@@ -182,7 +182,7 @@ class Workloads:
 
     @staticmethod
     def document(round_: int) -> str:
-        """A ~1,050-token log; new to gazecam's context cache in every round (same length)."""
+        """A log of 1,051 tokens with the template, new to gazecam's context cache each round."""
         lines = [f"Maintenance log of the coolant pumps in hall B, copy {round_ + 1:04d} of 9."]
         rng = np.random.default_rng(0)
         for i in range(37):
