@@ -5,14 +5,16 @@ The graph (``engines/llama_graph.py``) attends to the first P entries of per-lay
 both the layer's past input and its present output (I/O binding), so GroupQueryAttention
 writes in place, and a step copies nothing it does not have to:
 
-- the buffers remember which groups' entries they hold, in order (``layout``); a step whose
-  attended groups include the start of that layout keeps it, and only the groups missing
-  from it are copied in from the cache (attention does not depend on the order of the past
-  entries: their keys carry their positions). A decoding step that attends the same groups
-  as the last one (the top-k selection rarely changes) copies nothing;
-- the new entries of a step land after the attended ones; ``label`` records them as the end
-  of the group they were stored in (the question and answer's local group), so the next step
-  finds them in place.
+- the buffers remember which groups' entries they hold, in order (``layout``: segments, a
+  group's entries in order, possibly in several segments); a step keeps the longest start of
+  that layout whose groups it attends, and copies in from the cache only the entries missing
+  from it (attention does not depend on the order of the past entries: their keys carry
+  their positions). A decoding step that attends the same groups as the last one copies
+  nothing; one whose top-k changed copies the regions from the first one that changed, and
+  the local group after them;
+- the new entries of a step land after the attended ones; ``label`` records them as the next
+  entries of the group they were stored in (the question and answer's local group), so the
+  next step finds them in place.
 
 A group is known by its id and serial (``KVGroup.serial``: new for every group made, and
 after a ``shift``), so a group replaced or moved is never taken for its old entries.
@@ -111,40 +113,31 @@ class BoundKV:
     def label(self, group: KVGroup) -> None:
         """The last run's new entries are the end of ``group`` (now stored in the cache)."""
         new = self.layout.pop()
-        last = self.layout[-1] if self.layout else None
-        if last is not None and (last.group_id, last.serial) == (group.group_id, group.serial):
-            last.count += new.count
-        else:
+        held = sum(s.count for s in self.layout if (s.group_id, s.serial) == _key(group))
+        if held + new.count == group.size:  # else not the group's entries in order: not kept
             self.layout.append(Segment(group.group_id, group.serial, new.count))
-        end = self.layout[-1]
-        if end.count != group.size:  # not the group's entries in order: not reusable
-            self.layout.pop()
 
     def _prepare(self, attend: Sequence[KVGroup], cache: KVCache, new: int) -> int:
         """Lay out the attended groups' entries first in the buffers; their number (P)."""
         needed = sum(g.size for g in attend) + new
         if needed > self.capacity:
             self._allocate(max(2 * self.capacity, needed))
-        wanted = {g.group_id: g for g in attend}
+        wanted = {_key(g): g for g in attend}
+        held = dict.fromkeys(wanted, 0)  # entries of each group in the kept segments
         kept, past = 0, 0
         for segment in self.layout:
-            group = wanted.get(segment.group_id)
-            if group is None or group.serial != segment.serial or segment.count > group.size:
+            key = (segment.group_id, segment.serial)
+            if key not in wanted or held[key] + segment.count > wanted[key].size:
                 break
-            kept += 1
+            held[key] += segment.count
             past += segment.count
-            if segment.count < group.size:  # grew since: its new entries go right after
-                self._write(cache, group.slots[segment.count :], past)
-                past += group.size - segment.count
-                segment.count = group.size
-                break
+            kept += 1
         del self.layout[kept:]
-        placed = {s.group_id for s in self.layout}
-        for group in attend:
-            if group.group_id not in placed and group.size:
-                self._write(cache, group.slots, past)
-                self.layout.append(Segment(group.group_id, group.serial, group.size))
-                past += group.size
+        for key, group in wanted.items():  # the entries the kept segments lack, in order
+            if held[key] < group.size:
+                self._write(cache, group.slots[held[key] :], past)
+                self.layout.append(Segment(group.group_id, group.serial, group.size - held[key]))
+                past += group.size - held[key]
         return past
 
     def _write(self, cache: KVCache, slots: NDArray[np.int64], at: int) -> None:
@@ -152,3 +145,7 @@ class BoundKV:
         self.keys[:, 0, :, at:end] = cache.keys[:, :, slots]
         self.values[:, 0, :, at:end] = cache.values[:, :, slots]
         self.copied_entries += len(slots)
+
+
+def _key(group: KVGroup) -> tuple[str, int]:
+    return group.group_id, group.serial

@@ -201,6 +201,10 @@ class LanguageModel:
         self._bound = BoundKV(self.session, self.layers, c["kv_heads"], c["head_dim"])
         self._lock = threading.RLock()
         self._context_text: str | None = None
+        self._probe_keys: tuple[tuple[int, ...], NDArray[np.float32]] = (
+            (),
+            np.zeros(0, np.float32),
+        )
         # The whole-frame thumbnail width this engine wants beside each crop (0: none), and
         # the latest keyframe's vision encoding (the text engine has no encoder).
         self.thumbnail_px = 0
@@ -398,6 +402,10 @@ class LanguageModel:
                 # the same choice unless regions changed meanwhile).
                 before, chosen = chosen, self._choose(step.probe, self.cache.of_kind("region"), k)
                 changes += [g.serial for g in chosen] != [g.serial for g in before]
+                # In this order, not with the local group before the regions (which would then
+                # stay in place when the choice changes): the order of the attended entries
+                # changes attention's float sums, enough to flip near-ties (top-2 logit margins
+                # of 0.006 on the parity prompts) and so the greedy answers.
                 step = self._forward(
                     self.embeddings.lookup([token]),
                     np.array([position]),
@@ -433,7 +441,12 @@ class LanguageModel:
         """The top-k regions for a probe query [heads, T, head_dim] (all when k covers them)."""
         if k is None or k >= len(regions):
             return regions
-        keys = self.cache.layer_keys(self.probe_layer, regions)  # [kv_heads, N, head_dim]
+        # The regions' probe-layer keys [kv_heads, N, head_dim], gathered once while the
+        # regions stay the same (every decoding step chooses again).
+        serials = tuple(g.serial for g in regions)
+        if self._probe_keys[0] != serials:
+            self._probe_keys = serials, self.cache.layer_keys(self.probe_layer, regions)
+        keys = self._probe_keys[1]
         sizes = np.array([g.size for g in regions])
         priors = np.array([g.gaze_prior for g in regions])
         weight = self.settings.llm_gaze_prior_weight

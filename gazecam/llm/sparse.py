@@ -34,10 +34,14 @@ def relevance(query: F32, keys: F32, sizes: NDArray[np.int64]) -> NDArray[np.flo
     query [heads, T, dim]; keys [kv_heads, N, dim]: the N region tokens, region by region, of
     the given sizes [R] (each at least 1). Returns [R].
     """
-    heads, _, dim = query.shape
-    kv_of_head = np.arange(heads) // (heads // keys.shape[0])
-    # einsum, not matmul: BLAS threads would fight ONNX Runtime's for the same cores.
-    logits = np.einsum("htd,hnd->htn", query, keys[kv_of_head]) / math.sqrt(dim)  # [H, T, N]
+    heads, steps, dim = query.shape
+    kv_heads = keys.shape[0]
+    # Head h reads KV head h // (H / Hk): the query's heads grouped [Hk, H / Hk, T, dim], so
+    # the keys are not copied per head. einsum, not matmul: BLAS threads would fight ONNX
+    # Runtime's for the same cores.
+    grouped = query.reshape(kv_heads, heads // kv_heads, steps, dim)
+    logits = np.einsum("gqtd,gnd->gqtn", grouped, keys).reshape(heads, steps, -1)  # [H, T, N]
+    logits /= math.sqrt(dim)
     weights = np.exp(logits - logits.max(axis=2, keepdims=True))
     weights /= weights.sum(axis=2, keepdims=True)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
