@@ -117,6 +117,10 @@ class BoundKV:
         if held + new.count == group.size:  # else not the group's entries in order: not kept
             self.layout.append(Segment(group.group_id, group.serial, new.count))
 
+    def hold(self, groups: Sequence[KVGroup], cache: KVCache) -> None:
+        """Lay these groups' entries out now (in the background, before a run needs them)."""
+        self._prepare(groups, cache, 0)
+
     def _prepare(self, attend: Sequence[KVGroup], cache: KVCache, new: int) -> int:
         """Lay out the attended groups' entries first in the buffers; their number (P)."""
         needed = sum(g.size for g in attend) + new

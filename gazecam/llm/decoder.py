@@ -198,7 +198,11 @@ class LanguageModel:
         self.layers, self.max_positions = int(c["layers"]), int(c["max_positions"])
         self.probe_layer = int(c["probe_layer"])
         self.cache = KVCache(self.layers, c["kv_heads"], c["head_dim"], c["rope_base"])
-        self._bound = BoundKV(self.session, self.layers, c["kv_heads"], c["head_dim"])
+        # Two sets of bound KV buffers: the memory's (context, frames and regions in memory
+        # order, kept up to date as they change, so an ask's pass over all of them and dense
+        # decoding copy nothing), and a scratch set for prefills and sparse decoding steps.
+        self._memory = BoundKV(self.session, self.layers, c["kv_heads"], c["head_dim"])
+        self._scratch = BoundKV(self.session, self.layers, c["kv_heads"], c["head_dim"])
         self._lock = threading.RLock()
         self._context_text: str | None = None
         self._probe_keys: tuple[tuple[int, ...], NDArray[np.float32]] = (
@@ -228,6 +232,7 @@ class LanguageModel:
         with self._lock:
             for unit in self.cache.units(("frame", "region")):
                 self.cache.drop_unit(unit)
+            self._hold_memory()
 
     @property
     def region_ids(self) -> list[str]:
@@ -255,11 +260,14 @@ class LanguageModel:
                 return
             ids = self.tokenizer.encode_prompt(self.chat.context(text))
             self._check_positions(len(ids))
-            step = self._forward(self.embeddings.lookup(ids), np.arange(len(ids)), [])
+            step = self._forward(self.embeddings.lookup(ids), np.arange(len(ids)), [], memory=True)
             self.cache.drop(CONTEXT)
             positions = np.arange(len(ids))
-            self._bound.label(self.cache.put(CONTEXT, "context", step.keys, step.values, positions))
+            self._memory.label(
+                self.cache.put(CONTEXT, "context", step.keys, step.values, positions)
+            )
             self._pack()
+            self._hold_memory()
             self._context_text = text
 
     def add_region(self, region_id: str, text: str, gaze_prior: float) -> None:
@@ -291,11 +299,20 @@ class LanguageModel:
                     g.group_id, g.kind, step.keys[:, :, g.tokens], step.values[:, :, g.tokens],
                     positions[g.tokens], g.gaze_prior, unit,
                 )  # fmt: skip
+            self._hold_memory()
 
     def drop_unit(self, unit: str) -> bool:
         """Forget a unit's KV entries; False if it was not in memory."""
         with self._lock:
-            return self.cache.drop_unit(unit) > 0
+            dropped = self.cache.drop_unit(unit) > 0
+            self._hold_memory()
+            return dropped
+
+    def _hold_memory(self) -> None:
+        """Bring the memory's buffers up to date: context, frames, regions (as ``generate``
+        attends them), copied now rather than when someone asks."""
+        kinds: tuple[GroupKind, ...] = ("context", "frame", "region")
+        self._memory.hold([g for kind in kinds for g in self.cache.of_kind(kind)], self.cache)
 
     def observe(self, crop: Crop, added: Sequence[MemoryRegion], dropped: Sequence[str]) -> None:
         """A keyframe's changes to the visual memory: its regions' lines in, old ones out."""
@@ -366,8 +383,9 @@ class LanguageModel:
             positions = np.arange(position, position + len(ids))
             frames, regions = self.cache.of_kind("frame"), self.cache.of_kind("region")
             context = [*self.cache.of_kind("context"), *frames]  # always attended
-            step = self._forward(self.embeddings.lookup(ids), positions, [*context, *regions])
-            self._bound.label(self.cache.put(LOCAL, "local", step.keys, step.values, positions))
+            embeds = self.embeddings.lookup(ids)
+            step = self._forward(embeds, positions, [*context, *regions], memory=True)
+            self._memory.label(self.cache.put(LOCAL, "local", step.keys, step.values, positions))
             frame_kv = sum(g.size for g in frames)
             attended = [frame_kv + sum(g.size for g in regions)]
             chosen = self._choose(step.probe, regions, k)
@@ -406,13 +424,18 @@ class LanguageModel:
                 # stay in place when the choice changes): the order of the attended entries
                 # changes attention's float sums, enough to flip near-ties (top-2 logit margins
                 # of 0.006 on the parity prompts) and so the greedy answers.
+                # Dense (every region chosen) decodes on the memory's buffers, sparse on the
+                # scratch ones.
+                dense = len(chosen) == len(self.cache.of_kind("region"))
                 step = self._forward(
                     self.embeddings.lookup([token]),
                     np.array([position]),
                     [*context, *chosen, local],
+                    memory=dense,
                 )
                 at = np.array([position])
-                self._bound.label(self.cache.put(LOCAL, "local", step.keys, step.values, at))
+                stored = self.cache.put(LOCAL, "local", step.keys, step.values, at)
+                (self._memory if dense else self._scratch).label(stored)
             attended.append(sum(g.size for g in frames) + sum(g.size for g in chosen))
             position += 1
         if reason != "stop" and emitted < len(text := self._text(generated, strip_leading_space)):
@@ -453,11 +476,17 @@ class LanguageModel:
         return [regions[i] for i in select(region_scores(probe, keys, sizes, priors, weight), k)]
 
     def _forward(
-        self, embeds: NDArray[np.float32], positions: NDArray[np.int64], attend: Sequence[KVGroup]
+        self,
+        embeds: NDArray[np.float32],
+        positions: NDArray[np.int64],
+        attend: Sequence[KVGroup],
+        memory: bool = False,
     ) -> Outputs:
         """Run the graph on new tokens ([T, hidden] embeddings) attending to these groups'
-        entries; the new entries' keys and values are valid until the next run."""
-        return self._bound.run(embeds, positions, attend, self.cache)
+        entries, on the memory's or the scratch buffers; the new entries' keys and values are
+        valid until the next run on them."""
+        bound = self._memory if memory else self._scratch
+        return bound.run(embeds, positions, attend, self.cache)
 
     def _pack(self) -> int:
         """Move the units in memory right after the context, in order, each keeping its own

@@ -7,6 +7,7 @@ import itertools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from engines.llama_graph import FORMAT_VERSION
 from gazecam.errors import MissingDependencyError
 from gazecam.llm import LanguageModel, LLMSettings
 from gazecam.llm import decoder as decoder_module
+from gazecam.llm.binding import BoundKV
 from gazecam.llm.decoder import LOCAL_RESERVE, UnitGroup, converted_model_dir
 from gazecam.llm.kv import KVCache, KVGroup
 from gazecam.llm.sampling import sample, stream_piece
@@ -47,8 +49,10 @@ def record(lm: LanguageModel, monkeypatch: pytest.MonkeyPatch) -> list[Call]:
     calls: list[Call] = []
     forward = lm._forward
 
-    def spy(embeds: np.ndarray, positions: np.ndarray, attend: list[KVGroup]) -> object:
-        step = forward(embeds, positions, attend)
+    def spy(
+        embeds: np.ndarray, positions: np.ndarray, attend: list[KVGroup], **kwargs: bool
+    ) -> object:
+        step = forward(embeds, positions, attend, **kwargs)
         calls.append(Call(embeds, positions.tolist(), [g.group_id for g in attend], step.logits))
         return step
 
@@ -324,31 +328,36 @@ def test_a_step_copies_only_the_entries_the_bound_buffers_lack(
     tiny_lm: LanguageModel, monkeypatch: pytest.MonkeyPatch, k: int | None
 ) -> None:
     fill(tiny_lm)
-    bound = tiny_lm._bound
-    runs: list[tuple[list[str], int]] = []  # attended groups, entries copied in for the run
-    run = bound.run
+    # The memory's buffers got each region as it came (in the background): an ask copies none.
+    memory, scratch = tiny_lm._memory, tiny_lm._scratch
+    assert memory.copied_entries >= tiny_lm.cache.entries("region")
+    runs: list[tuple[str, list[str], int]] = []  # buffers, attended groups, entries copied in
 
-    def spy(embeds: np.ndarray, positions: np.ndarray, attend: list[KVGroup], cache: KVCache):  # type: ignore[no-untyped-def]
-        before = bound.copied_entries
-        out = run(embeds, positions, attend, cache)
-        runs.append(([g.group_id for g in attend], bound.copied_entries - before))
-        return out
+    def spying(name: str, bound: BoundKV) -> None:
+        run = bound.run
 
-    monkeypatch.setattr(bound, "run", spy)
+        def spy(*args: Any) -> Any:
+            before = bound.copied_entries
+            out = run(*args)
+            runs.append((name, [g.group_id for g in args[2]], bound.copied_entries - before))
+            return out
+
+        monkeypatch.setattr(bound, "run", spy)
+
+    spying("memory", memory)
+    spying("scratch", scratch)
     _, stats = answer(tiny_lm, "Which valve?", top_k_regions=k, max_tokens=12)
-    region_entries = tiny_lm.cache.entries("region")
-    # The question's pass: the regions, prefilled one after another into the same place after
-    # the context, are copied in once; the context stayed where set_context left it.
-    assert runs[0][1] == region_entries
+    assert runs[0][0] == "memory" and runs[0][2] == 0  # the question's pass over all regions
     steps = runs[1:]
     assert len(steps) == stats.generated_tokens - 1 >= 5
-    for (before, _), (now, copied) in itertools.pairwise([runs[0], *steps]):
-        if set(now) == set(before) | {"local"}:
-            assert copied == 0  # the same groups: the new token's entries are already in place
-        else:  # another choice: the regions newly chosen, and the local group after them
+    if k is None:  # dense: every step on the memory's buffers, nothing copied
+        assert all(name == "memory" and copied == 0 for name, _, copied in steps)
+        assert stats.selection_changes == 0
+        return
+    assert all(name == "scratch" for name, _, _ in steps)
+    for (_, before, _), (_, now, copied) in itertools.pairwise(steps):
+        if now == [*before[:-1], "local"]:
+            assert copied == 0  # the same regions: the new token's entries are in place
+        else:  # another choice: the regions from the first that changed, and the local group
             assert copied > 0
-    if k is None:
-        assert all(copied == 0 for _, copied in steps) and stats.selection_changes == 0
-    else:
-        changed = sum(c > 0 for _, c in steps[1:])
-        assert stats.selection_changes == changed
+    assert stats.selection_changes == sum(c > 0 for _, _, c in steps[1:])

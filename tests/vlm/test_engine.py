@@ -90,8 +90,8 @@ def ours_greedy(vlm: VisionLanguageModel, image: ImageTokens) -> tuple[str, Any,
     first: list[np.ndarray] = []
     forward = vlm._forward
 
-    def spy(*args: Any) -> Any:
-        step = forward(*args)
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        step = forward(*args, **kwargs)
         first.append(step.logits)
         return step
 
