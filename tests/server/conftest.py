@@ -7,8 +7,10 @@ out of the shared language model) before the next module's app starts.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,6 +79,17 @@ def first_crop(client: TestClient, **kwargs: Any) -> None:
         lambda: client.get("/v1/status", **kwargs).json()["frames"]["keyframes_perceived"] > 0,
         what="the first perceived keyframe",
     )
+
+
+def first_keyframe(address: str) -> None:
+    """Wait until the service at ``address`` (HOST:PORT) has perceived its first keyframe: until
+    then an ask is refused as not_ready."""
+
+    def perceived() -> int:
+        with urllib.request.urlopen(f"http://{address}/v1/status") as response:
+            return int(json.loads(response.read())["frames"]["keyframes_perceived"])
+
+    wait_for(perceived, what="the first perceived keyframe")
 
 
 @contextmanager

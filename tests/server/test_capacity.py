@@ -24,7 +24,7 @@ from starlette.datastructures import Address
 from gazecam.server.errors import ClientError
 from gazecam.server.protocol import RateLimiter
 from gazecam.server.runtime import Runtime
-from tests.server.conftest import LOCAL, WS, first_crop, uvicorn_server, wait_for
+from tests.server.conftest import LOCAL, WS, first_crop, first_keyframe, uvicorn_server, wait_for
 
 CLIENTS = 10
 ASKS = 3  # per client; the rate limit is 3 a minute per client, so none is rate_limited
@@ -45,10 +45,7 @@ def get(url: str) -> str:
 def server(make_app: Callable[..., FastAPI]) -> Iterator[str]:
     app = make_app(ask_queue_wait_s=0.5, ask_queue_max=QUEUE_MAX, asks_per_minute=ASKS)
     with uvicorn_server(app) as address:
-        wait_for(
-            lambda: json.loads(get(f"http://{address}/v1/status"))["frames"]["keyframes_perceived"],
-            what="the first perceived keyframe",
-        )
+        first_keyframe(address)
         yield address
 
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from websockets.sync.client import ClientConnection, connect
 
 from gazecam.server.errors import ErrorCode
-from tests.server.conftest import uvicorn_server, wait_for
+from tests.server.conftest import first_keyframe, uvicorn_server, wait_for
 
 CODES = set(typing.get_args(ErrorCode))
 QUESTIONS = ("What step am I on?", "What am I looking at?", "What's next?")
@@ -76,6 +76,7 @@ frames = st.one_of(
 def server(make_app: Callable[..., FastAPI]) -> Iterator[str]:
     # The rate limit lifted: the valid asks among the frames are answered.
     with uvicorn_server(make_app(asks_per_minute=100_000)) as address:
+        first_keyframe(address)  # a valid ask before it is refused as not_ready
         yield address
 
 

@@ -18,7 +18,7 @@ import pytest
 import websockets
 from fastapi import FastAPI
 
-from tests.server.conftest import uvicorn_server, wait_for
+from tests.server.conftest import first_keyframe, uvicorn_server
 
 CLIENTS = 8
 QUESTIONS = (
@@ -47,10 +47,7 @@ def server(make_app: Callable[..., FastAPI]) -> Iterator[str]:
     # Every ask here must be answered, however slow the machine: the queue's bounds are
     # tested in test_capacity.py.
     with uvicorn_server(make_app(body_timeout_s=BODY_TIMEOUT_S, ask_queue_wait_s=600)) as address:
-        wait_for(
-            lambda: json.loads(get(f"http://{address}/v1/status"))["frames"]["keyframes_perceived"],
-            what="the first perceived keyframe",
-        )
+        first_keyframe(address)
         yield address
 
 
