@@ -38,7 +38,7 @@ from tqdm import tqdm
 from gazecam.capture import Capture, FrameResult
 from gazecam.crop import make_crop
 from gazecam.errors import ConfigError
-from gazecam.llm.settings import EngineName, LLMSettings, engine_settings
+from gazecam.llm.settings import ENGINE_HELP, VLM_HELP, EngineName, LLMSettings, engine_settings
 from gazecam.models import ModelSettings
 from gazecam.records import CropMode, MatchedFrame, SourceEvent
 from gazecam.settings import CaptureSettings, Pace, SourceSettings
@@ -81,13 +81,9 @@ class BenchCommand(BaseModel):
     )
     pace: Pace = Field("fast", description="Replay pacing: fast, or realtime.")
     engine: EngineName | None = Field(
-        None,
-        description="Answer engine: text or vlm (its stages include the vision encoder) "
-        "[GAZECAM_ENGINE; unset: vlm when a SmolVLM checkpoint is installed, else text].",
+        None, description=f"{ENGINE_HELP} vlm's stages include the vision encoder."
     )
-    vlm: Path | None = Field(
-        None, description="A SmolVLM checkpoint folder for the vlm engine [GAZECAM_VLM]."
-    )
+    vlm: Path | None = Field(None, description=VLM_HELP)
     check: Path | None = Field(
         None, description="Fail (exit 1) where a ratio between modes regressed from this baseline."
     )
@@ -187,7 +183,7 @@ class Harness:
         self, card: TaskCard, runs: list[ModeRun], lm: LanguageModel, truth: GroundTruth
     ) -> None:
         self.card, self.runs, self.lm, self.truth = card, runs, lm, truth
-        self.settings = CaptureSettings()
+        self.settings = CaptureSettings().with_thumbnail(lm.thumbnail_px)
         self.keyframes = 0
         self.asked = 0
         self.start_ns: int | None = None
@@ -225,8 +221,7 @@ class Harness:
         t0 = time.perf_counter()
         image = matched.frame.bgr()
         decode_ms = (time.perf_counter() - t0) * 1e3
-        size = self.settings.crop_size_px
-        thumb = max(self.settings.thumbnail_px, self.lm.thumbnail_px)
+        size, thumb = self.settings.crop_size_px, self.settings.thumbnail_px
         for run in self.rotation():
             self.lm.cache = run.cache
             t0 = time.perf_counter()

@@ -24,7 +24,13 @@ from gazecam.bench import BenchCommand
 from gazecam.capture import Capture, CaptureResult, capture
 from gazecam.errors import ConfigError, GazecamError
 from gazecam.export import CropWriter
-from gazecam.llm.settings import EngineName, LLMSettings, engine_settings
+from gazecam.llm.settings import (
+    ENGINE_HELP,
+    VLM_HELP,
+    EngineName,
+    LLMSettings,
+    engine_settings,
+)
 from gazecam.models import ModelSettings
 from gazecam.records import CropMode, SourceEvent
 from gazecam.server.command import ServeCommand
@@ -35,11 +41,6 @@ if TYPE_CHECKING:
     from gazecam.assistant import Assistant
     from gazecam.recorder import RecordSummary
 
-ENGINE_HELP = (
-    "Answer engine: text or vlm [GAZECAM_ENGINE; unset: vlm when a SmolVLM checkpoint is "
-    "installed, else text]."
-)
-VLM_HELP = "A SmolVLM checkpoint folder for the vlm engine [GAZECAM_VLM]."
 SOURCE_HELP = (
     "A Neon recording or Pupil Cloud export folder, neon://auto, neon://HOST[:PORT], "
     "or synthetic:NAME (e.g. synthetic:demo)."
@@ -366,9 +367,7 @@ async def prepare_assistant(
 
     engines = load_engines(llm, models)
     assistant = Assistant(load_task(task), engines.perception, engines.model)
-    settings = CaptureSettings()
-    wanted = max(settings.thumbnail_px, engines.model.thumbnail_px)
-    settings = settings.model_copy(update={"thumbnail_px": wanted})
+    settings = CaptureSettings().with_thumbnail(engines.model.thumbnail_px)
     source = open_source(address, SourceSettings(pace="fast"))
     info = await source.open()
     try:

@@ -99,6 +99,13 @@ class CaptureSettings(BaseSettings):
         60.0, ge=0, description="I-VT: a fixation must last this long before it counts."
     )
 
+    def with_thumbnail(self, width_px: int) -> CaptureSettings:
+        """These settings with a thumbnail at least ``width_px`` wide (an answer engine's
+        ``thumbnail_px``: the vlm engine's whole-frame image; 0: as they are)."""
+        if width_px <= self.thumbnail_px:
+            return self
+        return self.model_copy(update={"thumbnail_px": width_px})
+
 
 def settings_problem(exc: ValidationError, flags: Mapping[str, str]) -> str:
     """One line naming each bad setting as the user sets it: ``--FLAG / GAZECAM_NAME`` where the

@@ -11,6 +11,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from gazecam.models import ModelSettings
 
 EngineName = Literal["text", "vlm"]
+# The help of the --engine and --vlm flags of ask, serve and bench.
+ENGINE_HELP = (
+    "Answer engine: text or vlm [GAZECAM_ENGINE; unset: vlm when a SmolVLM checkpoint is "
+    "installed, else text]."
+)
+VLM_HELP = "A SmolVLM checkpoint folder for the vlm engine [GAZECAM_VLM]."
 
 
 class LLMSettings(BaseSettings):

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, Field, ValidationError
 
 from gazecam.errors import ConfigError
-from gazecam.llm.settings import EngineName, engine_settings
+from gazecam.llm.settings import ENGINE_HELP, VLM_HELP, EngineName, engine_settings
 from gazecam.server.settings import ServerSettings
 from gazecam.settings import settings_problem
 
@@ -38,13 +38,10 @@ class ServeCommand(BaseModel):
     port: int | None = Field(None, description="TCP port [GAZECAM_PORT, 8000].")
     engine: EngineName | None = Field(
         None,
-        description="Answer engine: text or vlm; a vlm engine that cannot load falls back to "
-        "text, with a warning in /v1/status [GAZECAM_ENGINE; unset: vlm when a SmolVLM "
-        "checkpoint is installed, else text].",
+        description=f"{ENGINE_HELP} A vlm engine that cannot load falls back to text, with a "
+        "warning in /v1/status.",
     )
-    vlm: Path | None = Field(
-        None, description="A SmolVLM checkpoint folder for the vlm engine [GAZECAM_VLM]."
-    )
+    vlm: Path | None = Field(None, description=VLM_HELP)
 
     def cli_cmd(self) -> None:
         """Run the service until interrupted."""

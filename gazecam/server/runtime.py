@@ -118,10 +118,9 @@ class Runtime:
         self._tracker_lock = threading.Lock()
         self._generation_lock = asyncio.Lock()
         self._generation = ThreadPoolExecutor(1, thread_name_prefix="gazecam-generate")
-        wanted = max(capture.thumbnail_px, engines.model.thumbnail_px)
         self.pipeline = Pipeline(
             make_source,
-            capture.model_copy(update={"thumbnail_px": wanted}),
+            capture.with_thumbnail(engines.model.thumbnail_px),
             server,
             self._observe_keyframe,
             self._observe_source_event,
