@@ -8,6 +8,7 @@ timing data stay real. Each frame carries its index as a frame code (see
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -94,6 +95,18 @@ def tiny_smolvlm_onnx(tiny_smolvlm: Path, tmp_path_factory: pytest.TempPathFacto
 
     out = tmp_path_factory.mktemp("smolvlm-onnx") / "random-smolvlm-tiny-onnx"
     return convert(tiny_smolvlm, out, bits=8, accuracy_level=0)
+
+
+def use_tiny_smolvlm(monkeypatch: pytest.MonkeyPatch, converted: Path, *models: str) -> None:
+    """Commands in this test find the tiny checkpoint's conversion (``converted``, from
+    ``tiny_smolvlm_onnx``) where the cache keeps conversions, the other ``models`` in the real
+    cache (a skip naming any missing), and an 8 s synthetic demo."""
+    from tests.perception import require_models  # it imports this module
+
+    cache = require_models(*models).models_dir
+    monkeypatch.setenv("GAZECAM_MODELS_DIR", str(converted.parent))
+    monkeypatch.setenv("GAZECAM_MODEL_PATH", json.dumps([str(cache)]))
+    monkeypatch.setenv("GAZECAM_SYNTHETIC_DURATION_S", "8")
 
 
 @pytest.fixture(scope="session")

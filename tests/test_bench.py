@@ -16,6 +16,7 @@ import pytest
 from gazecam import bench
 from gazecam.bench_report import METRICS, TARGETS
 from gazecam.cli import main
+from tests.conftest import use_tiny_smolvlm
 from tests.perception import require_models
 
 ATTENDED = "attended_kv.p50 full/gaze-sparse"
@@ -184,10 +185,7 @@ def test_the_vlm_engine_s_stages_and_targets(
 ) -> None:
     # On the tiny RANDOM-weight SmolVLM (its answers are noise; its stages are timed as the
     # real one's): the full frame's stock tiling against the gaze crop's one tile.
-    cache = require_models("ppocr-det", "ppocr-rec", "yolox-nano").models_dir
-    monkeypatch.setenv("GAZECAM_MODELS_DIR", str(tiny_smolvlm_onnx.parent))  # its conversion
-    monkeypatch.setenv("GAZECAM_MODEL_PATH", json.dumps([str(cache)]))
-    monkeypatch.setenv("GAZECAM_SYNTHETIC_DURATION_S", "8")
+    use_tiny_smolvlm(monkeypatch, tiny_smolvlm_onnx, "ppocr-det", "ppocr-rec", "yolox-nano")
     out = tmp_path / "vlm.json"
     args = ["bench", "synthetic:demo", "--modes", "full,gaze-sparse", "--asks", "2"]
     assert main([*args, "--engine", "vlm", "--vlm", str(tiny_smolvlm), "--out", str(out)]) == 0

@@ -24,6 +24,8 @@ from gazecam.vlm.checkpoint import CheckpointError, check_checkpoint
 from gazecam.vlm.engine import ImageTokens, VisionLanguageModel, VLMSettings, converted_vlm_dir
 from gazecam.vlm.install import import_checkpoint
 from gazecam.vlm.preprocess import crop_pixels, frame_pixels
+from tests.conftest import use_tiny_smolvlm
+from tests.llm.conftest import answer
 from tests.perception import make_crop, require_models
 
 torch = pytest.importorskip("torch")
@@ -33,13 +35,6 @@ CONTEXT = "You help a person who wears eye-tracking glasses. Task: check the pum
 QUESTION = "What am I looking at?"
 GAZE = (900.0, 500.0)
 CROP_BOX = Box(676, 276, 1124, 724)  # 448 px around the gaze point
-
-
-def answer(model: LanguageModel, question: str, **kwargs: Any) -> tuple[str, GenerationStats]:
-    pieces = list(model.generate(question, temperature=0, **kwargs))
-    stats = pieces.pop()
-    assert isinstance(stats, GenerationStats)
-    return "".join(str(p) for p in pieces), stats
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +96,7 @@ def ours_greedy(vlm: VisionLanguageModel, image: ImageTokens) -> tuple[str, Any,
     vlm._forward = spy  # type: ignore[method-assign]
     try:
         vlm.tokenizer.stop_ids = frozenset()  # as transformers', run all 20 tokens
-        text, stats = answer(vlm, QUESTION, top_k_regions=None, max_tokens=20)
+        text, stats = answer(vlm, QUESTION, top_k_regions=None, max_tokens=20, temperature=0)
     finally:
         del vlm._forward
         vlm.tokenizer.stop_ids = frozenset(vlm.tokenizer.special_id(t) for t in vlm.chat.stop)
@@ -174,11 +169,11 @@ def test_sparse_with_k_all_is_dense_and_k_attends_the_frame_and_k_blocks(
         vlm.observe(make_crop(frame, CROP_BOX, GAZE, timestamp_ns=t), [], [])
     regions = vlm.cache.of_kind("region")
     frame_kv = vlm.cache.entries("frame")
-    dense = answer(vlm, QUESTION, top_k_regions=None, max_tokens=8)
-    every = answer(vlm, QUESTION, top_k_regions=len(regions), max_tokens=8)
+    dense = answer(vlm, QUESTION, top_k_regions=None, max_tokens=8, temperature=0)
+    every = answer(vlm, QUESTION, top_k_regions=len(regions), max_tokens=8, temperature=0)
     assert dense[0] == every[0] and dense[1].attended_visual_kv == every[1].attended_visual_kv
     assert set(dense[1].attended_visual_kv) == {frame_kv + 98}  # 2 × 49 tokens in blocks
-    _, sparse = answer(vlm, QUESTION, top_k_regions=4, max_tokens=8)
+    _, sparse = answer(vlm, QUESTION, top_k_regions=4, max_tokens=8, temperature=0)
     assert all(frame_kv + 4 <= kv <= frame_kv + 16 for kv in sparse.attended_visual_kv[1:])
     assert sparse.visual_kv_total == frame_kv + 98 == vlm.cache.entries("region") + frame_kv
 
@@ -248,10 +243,7 @@ def test_ask_with_either_engine_from_the_command_line(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    cache = require_models("ppocr-det", "ppocr-rec", "smollm2-135m-gguf").models_dir
-    monkeypatch.setenv("GAZECAM_MODEL_PATH", json.dumps([str(cache)]))
-    monkeypatch.setenv("GAZECAM_MODELS_DIR", str(tiny_smolvlm_onnx.parent))
-    monkeypatch.setenv("GAZECAM_SYNTHETIC_DURATION_S", "8")
+    use_tiny_smolvlm(monkeypatch, tiny_smolvlm_onnx, "ppocr-det", "ppocr-rec", "smollm2-135m-gguf")
     args = ["ask", "synthetic:demo", "What am I looking at?", "--at", "4", "--json"]
     assert main([*args, "--engine", "vlm", "--vlm", str(tiny_smolvlm)]) == 0
     blob = json.loads(capsys.readouterr().out.splitlines()[-1])
