@@ -171,6 +171,7 @@ class Timings:
     tpot_ms: float  # per output token after the first
     e2e_ms: float  # ask to the whole answer
     prompt_tokens: int  # tokens prefilled at ask time
+    completion_tokens: int  # tokens the model generated (the lead sentence aside)
     attended_kv: float  # visual KV entries attended per decoding step (mean)
     visual_kv: int  # visual KV entries in memory
 
@@ -396,6 +397,7 @@ class Assistant:
             tpot_ms=round(stats.tpot_ms, 2),
             e2e_ms=round((time.perf_counter() - started) * 1e3, 2),
             prompt_tokens=stats.prompt_tokens,
+            completion_tokens=stats.generated_tokens,
             attended_kv=round(sum(decode_steps) / len(decode_steps), 1),
             visual_kv=stats.visual_kv_total,
         )

@@ -21,6 +21,7 @@ from gazecam import __version__
 from gazecam.assistant import AssistantSettings, Engines, load_engines, load_task
 from gazecam.llm.settings import LLMSettings
 from gazecam.models import ModelSettings
+from gazecam.server.chat import router as openai_compatible
 from gazecam.server.errors import install_error_handlers
 from gazecam.server.logs import redact_secrets_in_logs
 from gazecam.server.metrics import Metrics
@@ -103,6 +104,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(public)
     app.include_router(api)
+    app.include_router(openai_compatible)
     app.include_router(websockets)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

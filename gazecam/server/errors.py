@@ -1,9 +1,11 @@
 """The one place where exceptions become what a client sees: an error code and a message.
 
 HTTP routes answer with the status and ``{"type": "error", "id": null, "code", "message"}``;
-websockets send the same object with the ask's id. An error gazecam raises on purpose carries
-its one-line message to the client; anything else is logged with its traceback and reaches
-the client only as ``internal``.
+websockets send the same object with the ask's id. The OpenAI-compatible routes (``/v1/chat/…``,
+``/v1/models``) answer in OpenAI's shape instead, ``{"error": {"message", "type", "param",
+"code"}}``, so that OpenAI clients read them. An error gazecam raises on purpose carries its
+one-line message to the client; anything else is logged with its traceback and reaches the
+client only as ``internal``.
 """
 
 from __future__ import annotations
@@ -51,13 +53,30 @@ _STATUS: dict[ErrorCode, int] = {
     "internal": 500,
 }
 _CODE_OF_STATUS = {status: code for code, status in _STATUS.items()}
+# OpenAI clients read 409 as a conflict; a full answer queue is an overload, which they retry
+# after a pause when it is a 503 (the openai SDK does).
+_OPENAI_STATUS: dict[ErrorCode, int] = {**_STATUS, "busy": 503}
+# OpenAI's error types; any other code is the client's request (or, 5xx, the server's fault).
+_OPENAI_TYPE: dict[ErrorCode, str] = {
+    "unauthorized": "authentication_error",
+    "forbidden": "permission_error",
+    "rate_limited": "rate_limit_error",
+}
+# Paths whose errors take OpenAI's shape: the OpenAI-compatible routes and what lies under them.
+OPENAI_PATHS = ("/v1/chat/", "/v1/models")
 
 
 class ClientError(Exception):
     """A request the service refuses, with the code and one-line message the client gets."""
 
     def __init__(
-        self, code: ErrorCode, message: str, headers: Mapping[str, str] | None = None
+        self,
+        code: ErrorCode,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        param: str | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.code: ErrorCode = code
@@ -65,15 +84,31 @@ class ClientError(Exception):
         self.headers = dict(headers or {})  # HTTP only: e.g. Allow with a 405
         if code == "unauthorized":
             self.headers["WWW-Authenticate"] = "Bearer"
+        self.param = param  # the request field at fault (OpenAI's error object names it)
+        self.extra = dict(extra or {})  # more fields of the error object, e.g. queue_position
 
     @property
     def status(self) -> int:
         """The HTTP status of this error."""
         return _STATUS[self.code]
 
+    @property
+    def openai_status(self) -> int:
+        """The HTTP status of this error on an OpenAI-compatible route."""
+        return _OPENAI_STATUS[self.code]
+
     def frame(self, request_id: str | None = None) -> dict[str, Any]:
         """The error object, as a websocket frame or an HTTP body."""
-        return {"type": "error", "id": request_id, "code": self.code, "message": self.message}
+        frame = {"type": "error", "id": request_id, "code": self.code, "message": self.message}
+        return {**frame, **self.extra}
+
+    def openai(self) -> dict[str, Any]:
+        """The error in OpenAI's shape: an HTTP body, or a streamed event's data."""
+        kind = _OPENAI_TYPE.get(
+            self.code, "server_error" if self.openai_status >= 500 else "invalid_request_error"
+        )
+        error = {"message": self.message, "type": kind, "param": self.param, "code": self.code}
+        return {"error": {**error, **self.extra}}
 
 
 class ErrorFrame(BaseModel):
@@ -85,6 +120,21 @@ class ErrorFrame(BaseModel):
     message: str = Field(description="One line, for people.")
 
 
+class OpenAIErrorDetail(BaseModel):
+    """What went wrong, in OpenAI's words."""
+
+    message: str = Field(description="One line, for people.")
+    type: str = Field(description="invalid_request_error, authentication_error, server_error, …")
+    param: str | None = Field(description="The request field at fault, if one is.")
+    code: ErrorCode = Field(description="gazecam's error code.")
+
+
+class OpenAIError(BaseModel):
+    """The error object of the OpenAI-compatible routes."""
+
+    error: OpenAIErrorDetail
+
+
 def error_responses(*codes: ErrorCode) -> dict[int | str, dict[str, Any]]:
     """The OpenAPI ``responses`` of a route that may answer with these errors."""
     return {
@@ -93,10 +143,18 @@ def error_responses(*codes: ErrorCode) -> dict[int | str, dict[str, Any]]:
     }
 
 
-def _validation_message(exc: ValidationError | RequestValidationError) -> str:
+def openai_error_responses(*codes: ErrorCode) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI ``responses`` of an OpenAI-compatible route that may answer with these."""
+    return {
+        _OPENAI_STATUS[code]: {"model": OpenAIError, "description": f"{code} (OpenAI's shape)"}
+        for code in codes
+    }
+
+
+def _validation_error(exc: ValidationError | RequestValidationError) -> ClientError:
     first = exc.errors()[0]
-    where = ".".join(str(part) for part in first["loc"] if part != "body") or "body"
-    return f"{where}: {first['msg']}"
+    where = ".".join(str(part) for part in first["loc"] if part != "body") or None
+    return ClientError("bad_request", f"{where or 'body'}: {first['msg']}", param=where)
 
 
 def client_error(exc: BaseException) -> ClientError:
@@ -108,7 +166,7 @@ def client_error(exc: BaseException) -> ClientError:
     if isinstance(exc, QuestionError | ConfigError):
         return ClientError("bad_request", str(exc))
     if isinstance(exc, ValidationError | RequestValidationError):
-        return ClientError("bad_request", _validation_message(exc))
+        return _validation_error(exc)
     if isinstance(exc, StarletteHTTPException):
         # Starlette's own refusals: an unknown route (404), a wrong method (405, with Allow).
         code = _CODE_OF_STATUS.get(exc.status_code, "bad_request")
@@ -122,6 +180,8 @@ def client_error(exc: BaseException) -> ClientError:
 
 async def _respond(request: Request, exc: Exception) -> JSONResponse:
     error = client_error(exc)
+    if request.url.path.startswith(OPENAI_PATHS):
+        return JSONResponse(error.openai(), status_code=error.openai_status, headers=error.headers)
     return JSONResponse(error.frame(), status_code=error.status, headers=error.headers)
 
 

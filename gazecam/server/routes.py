@@ -64,7 +64,7 @@ async def crop_jpeg(runtime: RuntimeDep) -> Response:
     return Response(jpeg, media_type="image/jpeg", headers=headers)
 
 
-async def _read_body(request: Request, max_bytes: int) -> bytes:
+async def read_body(request: Request, max_bytes: int) -> bytes:
     """The request body, refused as soon as it is longer than ``max_bytes`` (before reading a
     byte where its Content-Length says so), or when it has not all come within the body
     timeout (a client announcing more than it sends would hold the connection for ever)."""
@@ -102,7 +102,7 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
 )
 async def load_task(request: Request, runtime: RuntimeDep, settings: SettingsDep) -> dict[str, Any]:
     """Load a task card sent as YAML text (the body; never a path on the server)."""
-    body = await _read_body(request, settings.max_task_bytes)
+    body = await read_body(request, settings.max_task_bytes)
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -127,7 +127,7 @@ async def post_event(
     request: Request, runtime: RuntimeDep, settings: SettingsDep
 ) -> dict[str, Any]:
     """Apply a step event, ``{"name": "step.next"}``: step.next, step.back or step.set:N."""
-    body = await _read_body(request, settings.max_message_bytes)
+    body = await read_body(request, settings.max_message_bytes)
     event = EventMessage.model_validate_json(body)
     return {"step": asdict(await runtime.apply_event(event.name))}
 

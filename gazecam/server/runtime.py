@@ -65,14 +65,12 @@ class QueueFullError(ClientError):
     """An ask that cannot start within the queue's wait: ``busy``, with its place in line."""
 
     def __init__(self, position: int, reason: str) -> None:
+        # The error object has ``queue_position``: the asks that were ahead of it.
         super().__init__(
-            "busy", f"{position} asks ahead of yours in the answer queue: {reason}; ask again later"
+            "busy",
+            f"{position} asks ahead of yours in the answer queue: {reason}; ask again later",
+            extra={"queue_position": position},
         )
-        self.position = position
-
-    def frame(self, request_id: str | None = None) -> dict[str, Any]:
-        """The busy error object, with ``queue_position``: the asks that were ahead of it."""
-        return {**super().frame(request_id), "queue_position": self.position}
 
 
 def return_large_blocks_to_the_os() -> None:

@@ -77,6 +77,13 @@ class ServerSettings(BaseSettings):
         le=1 << 22,
         description="A longer task card body is refused (413).",
     )
+    max_chat_bytes: int = Field(
+        1 << 21,
+        ge=1024,
+        le=1 << 24,
+        description="A longer POST /v1/chat/completions body is refused (413); chat clients "
+        "send the whole conversation, and live-VLM clients a camera image, with each question.",
+    )
     body_timeout_s: float = Field(
         10.0,
         gt=0,

@@ -23,6 +23,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from gazecam.server.app import create_app
+from gazecam.server.errors import OPENAI_PATHS
 from gazecam.server.settings import ServerSettings
 from tests.conftest import REPO
 from tests.server.conftest import TOKEN, uvicorn_server
@@ -78,7 +79,10 @@ def test_routes_without_the_token_are_refused(case: Any, served: str) -> None:
         assert response.status_code == 405 and response.headers["allow"], response.text
     elif case.path != "/healthz":
         assert response.status_code == 401, response.text
-        assert response.json()["code"] == "unauthorized"
+        body = response.json()
+        # The OpenAI-compatible routes answer in OpenAI's error shape.
+        error = body["error"] if case.path.startswith(OPENAI_PATHS) else body
+        assert error["code"] == "unauthorized"
 
 
 def test_the_schema_holds_the_request_bodies(openapi: Any) -> None:
