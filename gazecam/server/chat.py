@@ -300,6 +300,7 @@ async def _metered(
 async def _then(
     first: str | Answer, rest: AsyncIterator[str | Answer]
 ) -> AsyncGenerator[str | Answer, None]:
+    """``first``, then the pieces of ``rest``."""
     yield first
     async for piece in rest:
         yield piece
@@ -331,11 +332,14 @@ def _event(data: dict[str, Any] | str) -> bytes:
 async def _events(
     runtime: Runtime,
     chat: ChatRequest,
-    pieces: AsyncIterator[str | Answer],
+    first: str | Answer,
+    pieces: AsyncGenerator[str | Answer, None],
     head: dict[str, Any],
 ) -> AsyncIterator[bytes]:
-    """The answer as ``chat.completion.chunk`` events, then ``[DONE]``; an error after the
-    first piece is an event with OpenAI's error object (the status is sent by then)."""
+    """The answer, ``first`` and the rest of ``pieces``, as ``chat.completion.chunk`` events,
+    then ``[DONE]``; an error after the first piece is an event with OpenAI's error object
+    (the status is sent by then). Closed early (the client left), it closes ``pieces``, which
+    stops the answer."""
     with_usage = chat.stream_options is not None and chat.stream_options.include_usage
     more = {"usage": None} if with_usage else {}
     head = {**head, "object": "chat.completion.chunk"}
@@ -345,14 +349,15 @@ async def _events(
         return _event({**head, "choices": [choice], **more, **extra})
 
     try:
-        yield chunk({"role": "assistant", "content": ""})
-        async for piece in pieces:
-            if isinstance(piece, str):
-                yield chunk({"content": piece})
-                continue
-            yield chunk({}, _finish_reason(runtime, piece), gazecam=_extension(piece))
-            if with_usage:
-                yield _event({**head, "choices": [], "usage": _usage(piece).model_dump()})
+        async with contextlib.aclosing(pieces):
+            yield chunk({"role": "assistant", "content": ""})
+            async for piece in _then(first, pieces):
+                if isinstance(piece, str):
+                    yield chunk({"content": piece})
+                    continue
+                yield chunk({}, _finish_reason(runtime, piece), gazecam=_extension(piece))
+                if with_usage:
+                    yield _event({**head, "choices": [], "usage": _usage(piece).model_dump()})
     except ClientError as error:
         yield _event(error.openai())
     yield _event("[DONE]")
@@ -399,7 +404,7 @@ async def chat_completions(
     first = await anext(pieces)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": MODEL_ID}
     if chat.stream:
-        chunks = _events(runtime, chat, _then(first, pieces), head)
+        chunks = _events(runtime, chat, first, pieces, head)
         headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}  # nginx: unbuffered
         return EventSourceResponse(chunks, headers=headers)
     answer = first

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,16 +21,19 @@ from tests.server.conftest import TOKEN, uvicorn_server, wait_for
 
 QUESTION = "What step am I on?"
 MAX_TOKENS = 12  # the apps' answer_max_tokens (tests/server/conftest.py)
+ASKS_PER_MINUTE = 2
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
 ASK = {"model": "gazecam", "messages": [{"role": "user", "content": QUESTION}]}
 
 
 @pytest.fixture(scope="module")
 def base_url(make_app: Callable[..., FastAPI]) -> Iterator[str]:
     # One ask waits at most besides the answer under way: a burst of asks finds the queue full.
-    with uvicorn_server(make_app(token=TOKEN, ask_queue_max=1)) as address:
-        bearer = {"Authorization": f"Bearer {TOKEN}"}
+    # Two asks a minute per connection (each test asks on connections of its own).
+    app = make_app(token=TOKEN, ask_queue_max=1, asks_per_minute=ASKS_PER_MINUTE)
+    with uvicorn_server(app) as address:
         wait_for(
-            lambda: httpx.get(f"http://{address}/v1/status", headers=bearer).json()["frames"][
+            lambda: httpx.get(f"http://{address}/v1/status", headers=BEARER).json()["frames"][
                 "keyframes_perceived"
             ],
             what="the first perceived keyframe",
@@ -112,9 +116,8 @@ def test_a_streamed_completion_ends_with_usage_and_done(base_url: str) -> None:
 
 
 def test_the_raw_stream_is_server_sent_events(base_url: str) -> None:
-    bearer = {"Authorization": f"Bearer {TOKEN}"}
     with httpx.stream(
-        "POST", f"{base_url}/chat/completions", json={**ASK, "stream": True}, headers=bearer
+        "POST", f"{base_url}/chat/completions", json={**ASK, "stream": True}, headers=BEARER
     ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -206,9 +209,8 @@ USER = {"role": "user", "content": QUESTION}
 def test_malformed_requests_get_a_400_naming_the_parameter(
     base_url: str, body: dict[str, Any], param: str | None, message: str
 ) -> None:
-    bearer = {"Authorization": f"Bearer {TOKEN}"}
     response = httpx.post(
-        f"{base_url}/chat/completions", json={"model": "gazecam", **body}, headers=bearer
+        f"{base_url}/chat/completions", json={"model": "gazecam", **body}, headers=BEARER
     )
     assert response.status_code == 400, response.text
     error = response.json()["error"]
@@ -218,8 +220,7 @@ def test_malformed_requests_get_a_400_naming_the_parameter(
 
 
 def test_a_body_that_is_not_json_is_a_400(base_url: str) -> None:
-    bearer = {"Authorization": f"Bearer {TOKEN}"}
-    response = httpx.post(f"{base_url}/chat/completions", content=b"{not json", headers=bearer)
+    response = httpx.post(f"{base_url}/chat/completions", content=b"{not json", headers=BEARER)
     assert response.status_code == 400
     assert response.json()["error"]["message"].startswith("body: Invalid JSON")
 
@@ -246,3 +247,34 @@ async def test_asks_beyond_the_queue_get_503_busy_and_the_rest_are_answered(
     # The answer under way and the one waiting are answered; asks beyond them are refused.
     assert 2 <= len(answered) < len(replies)
     assert all(reply.strip().startswith("You are on step") for reply in answered)
+
+
+def asks_counted(base_url: str, outcome: str) -> float:
+    text = httpx.get(f"{base_url.removesuffix('/v1')}/metrics", headers=BEARER).text
+    match = re.search(rf'^gazecam_asks_total{{outcome="{outcome}"}} (\S+)$', text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_asks_over_the_rate_limit_get_429(base_url: str) -> None:
+    with httpx.Client(headers=BEARER) as one_connection:
+        replies = [
+            one_connection.post(f"{base_url}/chat/completions", json=ASK)
+            for _ in range(ASKS_PER_MINUTE + 1)
+        ]
+    assert [reply.status_code for reply in replies] == [200] * ASKS_PER_MINUTE + [429]
+    error = replies[-1].json()["error"]
+    assert error["type"] == "rate_limit_error" and error["code"] == "rate_limited"
+    assert error["message"].startswith(f"at most {ASKS_PER_MINUTE} asks a minute: try again in")
+
+
+def test_a_client_leaving_mid_stream_stops_its_answer(base_url: str) -> None:
+    before = asks_counted(base_url, "disconnected")
+    with httpx.stream(
+        "POST", f"{base_url}/chat/completions", json={**ASK, "stream": True}, headers=BEARER
+    ) as response:
+        assert next(response.iter_lines()).startswith("data: ")  # the first chunk, then gone
+    wait_for(lambda: asks_counted(base_url, "disconnected") > before, what="the ask to stop")
+    # The generation thread is free again: the next ask is answered.
+    with openai.OpenAI(base_url=base_url, api_key=TOKEN, max_retries=0) as client:
+        completion = client.chat.completions.create(**ASK)
+    assert (completion.choices[0].message.content or "").startswith("You are on step")
