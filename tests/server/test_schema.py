@@ -5,6 +5,7 @@ bodies, and lists the routes docs/protocol.md lists."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -95,6 +96,14 @@ def test_the_schema_holds_the_request_bodies(openapi: Any) -> None:
     assert event["required"] == ["name"] and event["additionalProperties"] is False
     error = openapi.raw_schema["components"]["schemas"]["ErrorFrame"]
     assert "method_not_allowed" in error["properties"]["code"]["enum"]
+    chat = paths["/v1/chat/completions"]["post"]
+    body = chat["requestBody"]["content"]["application/json"]["schema"]
+    assert body["required"] == ["model", "messages"] and body["additionalProperties"] is False
+    assert "$ref" not in json.dumps(body)  # its nested models inlined: it stands alone
+    assert set(chat["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
+    openai_error = {"$ref": "#/components/schemas/OpenAIError"}
+    for status in ("400", "401", "404", "429", "503"):
+        assert chat["responses"][status]["content"]["application/json"]["schema"] == openai_error
 
 
 def test_the_schema_and_the_protocol_doc_list_the_same_routes(openapi: Any) -> None:
