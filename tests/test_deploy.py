@@ -160,9 +160,10 @@ def test_no_secret_is_written_in_the_deploy_files() -> None:
 def test_the_load_balancer_spreads_asks_over_gpu_servers() -> None:
     conf = (GPU / "nginx.conf").read_text()
     (upstream,) = re.findall(r"upstream vllm \{(.*?)\}", conf, re.DOTALL)
-    assert "least_conn;" in upstream
+    assert re.search(r"^\s*least_conn;", upstream, re.MULTILINE)
     assert len(re.findall(r"^\s*server \S+:8000\b", upstream, re.MULTILINE)) >= 2
-    assert "proxy_pass http://vllm;" in conf and "proxy_buffering off;" in conf
+    directives = {line.strip() for line in conf.splitlines()}
+    assert {"proxy_pass http://vllm;", "proxy_buffering off;"} <= directives
     nginx = compose(GPU / "lb.compose.yaml")["services"]["nginx"]
     assert nginx["volumes"] == ["./nginx.conf:/etc/nginx/conf.d/default.conf:ro"]
     assert healthcheck_url(nginx) == "http://127.0.0.1:8000/health"
