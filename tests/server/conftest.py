@@ -81,12 +81,14 @@ def first_crop(client: TestClient, **kwargs: Any) -> None:
     )
 
 
-def first_keyframe(address: str) -> None:
+def first_keyframe(address: str, token: str | None = None) -> None:
     """Wait until the service at ``address`` (HOST:PORT) has perceived its first keyframe: until
-    then an ask is refused as not_ready."""
+    then an ask is refused as not_ready. ``token``: the service's, where it has one."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     def perceived() -> int:
-        with urllib.request.urlopen(f"http://{address}/v1/status") as response:
+        status = urllib.request.Request(f"http://{address}/v1/status", headers=headers)
+        with urllib.request.urlopen(status) as response:
             return int(json.loads(response.read())["frames"]["keyframes_perceived"])
 
     wait_for(perceived, what="the first perceived keyframe")

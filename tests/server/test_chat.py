@@ -17,7 +17,7 @@ import openai
 import pytest
 from fastapi import FastAPI
 
-from tests.server.conftest import TOKEN, uvicorn_server, wait_for
+from tests.server.conftest import TOKEN, first_keyframe, uvicorn_server, wait_for
 
 QUESTION = "What step am I on?"
 MAX_TOKENS = 12  # the apps' answer_max_tokens (tests/server/conftest.py)
@@ -32,12 +32,7 @@ def base_url(make_app: Callable[..., FastAPI]) -> Iterator[str]:
     # Two asks a minute per connection (each test asks on connections of its own).
     app = make_app(token=TOKEN, ask_queue_max=1, asks_per_minute=ASKS_PER_MINUTE)
     with uvicorn_server(app) as address:
-        wait_for(
-            lambda: httpx.get(f"http://{address}/v1/status", headers=BEARER).json()["frames"][
-                "keyframes_perceived"
-            ],
-            what="the first perceived keyframe",
-        )
+        first_keyframe(address, TOKEN)
         yield f"http://{address}/v1"
 
 

@@ -27,7 +27,7 @@ from gazecam.server.app import create_app
 from gazecam.server.errors import OPENAI_PATHS
 from gazecam.server.settings import ServerSettings
 from tests.conftest import REPO
-from tests.server.conftest import TOKEN, uvicorn_server
+from tests.server.conftest import TOKEN, first_keyframe, uvicorn_server
 
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 CHECKS = [
@@ -49,6 +49,9 @@ FUZZ = settings(
 @pytest.fixture(scope="module")
 def served(make_app: Callable[..., FastAPI]) -> Iterator[str]:
     with uvicorn_server(make_app(token=TOKEN)) as address:
+        # Before it, the crop and the asks are refused as not_ready (503), which schemathesis
+        # takes for a server error.
+        first_keyframe(address, TOKEN)
         yield f"http://{address}"
 
 
