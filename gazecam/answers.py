@@ -287,10 +287,10 @@ def _follow_up(
         if previous is None or previous.cant_tell:
             return NOTHING
         # A follow-up's own facts came from the card and the tracker, not from the chat.
-        sources = tuple(dict.fromkeys(s for s in previous.sources if s != "conversation"))
-        because = " and ".join(_because(source, now) for source in sources)
+        basis = tuple(dict.fromkeys(s for s in previous.sources if s != "conversation"))
+        because = " and ".join(_because(source, now) for source in basis)
         sentence = f"I said so from {because}."
-        return RoutedAnswer("follow_up", sentence, ("conversation", *sources))
+        return RoutedAnswer("follow_up", sentence, ("conversation", *basis))
     about = (
         now.step.index if previous is None or previous.about_step is None else previous.about_step
     )
