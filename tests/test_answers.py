@@ -129,6 +129,13 @@ def test_facts_of_each_intent() -> None:
         "Yes: a stop sign, 25 s ago, 80 px from your gaze point (box 100,200 to 180,240 in the "
         "scene frame).",
     ]
+    seen = (region("clock", 40, 29, "object"),)
+    assert facts("what do you see", situation(DEMO, 3, seen)).sentence == (
+        "You are looking at a clock."
+    )
+    assert facts("what's next", situation(DEMO, 6)).sentence == (
+        "Step 6 of 6, Close cover, is the last step."
+    )
     # Nothing perceived yet: nothing to say about what is looked at or read.
     empty = situation(DEMO, 2)
     for question in ("what am I looking at?", "what did I just read?", "is there a cup?"):
