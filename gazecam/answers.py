@@ -83,7 +83,7 @@ _PATTERNS: tuple[tuple[Intent, str], ...] = (
     ("read", r"\b(read|reading)\b|\bwhat (does|did) (it|this|that|the \w+) (say|read)\b"
      r"|\bwhat is written\b|\bwhat (text|words?|label)\b|\bwritten (on|there|here)\b"),
     ("steps_left", r"\b(steps?|how many|how much)\b.*\b(left|remain|remaining|to go)\b"
-     r"|^what (is )?(left|remains)\b|\bhow many more\b"
+     r"|^what (is )?(left|remains)\b|\bhow many more\b|\bhow much longer\b|\banything else\b"
      r"|\b(almost|nearly) (done|finished|there)\b|\bhow far (am i|is it) from\b"),
     ("procedure", r"\b(whole|entire|full|complete|overall) (procedure|process|task|list)\b"
      r"|\b(all|list) (the |of the )?steps\b|\bwhat are the steps\b|\boverview\b"
@@ -93,7 +93,7 @@ _PATTERNS: tuple[tuple[Intent, str], ...] = (
     ("step_confidence", r"\b(sure|certain|confident|confidence|probability)\b"),
     ("previous_step", r"\b(previous|prior|preceding|earlier)\b|\bstep before\b"
      r"|\bbefore (this|the current|now)\b|\bwhat (did|have) i (just )?(do|did|done|finish|"
-     r"finished|complete|completed)\b|\b(last|past) step i\b"),
+     r"finished|complete|completed)\b|\b(last|past) step i\b|\bwhat was i doing\b"),
     ("next_step", r"\bnext\b|\bafter (this|the current|i finish|i am done|that is done)\b"
      r"|\bwhat comes (after|then)\b|\bupcoming\b|\bfollowing step\b"),
     ("instruction", r"\bwhat (should|do|must|shall|can) i (do|be doing)\b|\bwhat now\b"
@@ -111,7 +111,7 @@ _SEEN_VERB = r"(see|seen|saw|spot|spotted|notice|noticed|look at|looked at|come 
 _SEEN_FORMS = (  # each captures the thing asked about as "thing"
     rf"^(was|were|has|have|had) (been )?(?!(i|you|we) )(?P<thing>.+?) (been )?{_SEEN_VERB}\b",
     rf"\b(did|have|has|had|when|where) (i|you|we)( \w+)? {_SEEN_VERB} (?P<thing>.+)",
-    r"^(is|was|are|were) there (?P<thing>.+)",
+    r"^(is|was|are|were) there (?P<thing>(a|an|any) .+)",
     r"^where (is|was|are|were) (?P<thing>(the|a|an|my|that|this) .+)",
 )
 _THING_END = (
@@ -352,7 +352,7 @@ def _seen(question: Route, now: Situation) -> RoutedAnswer:
         and any(f and f in normalise_cue(m.region.label) for f in forms)
     ]
     if not sightings:
-        sentence = f"No: I have not seen {question.thing} in the last {window_s:g} s."
+        sentence = f"No: nothing I saw in the last {window_s:g} s matches '{question.thing}'."
         return RoutedAnswer("seen", sentence, ("memory",))
     r = max(sightings, key=lambda r: (r.frame_timestamp_ns, -r.gaze_distance_px))
     age_s = (now.now_ns - r.frame_timestamp_ns) / 1e9

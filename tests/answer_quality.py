@@ -37,6 +37,7 @@ WORDINGS: dict[Intent, tuple[str, ...]] = {
     "previous_step": (
         "What was the previous step?", "what did I just finish?",
         "Which step came before this one?", "what was the step before?",
+        "what was I doing before?",
     ),
     "instruction": (
         "What should I do now?", "what do I do?", "How do I do this?",
@@ -44,7 +45,7 @@ WORDINGS: dict[Intent, tuple[str, ...]] = {
     ),
     "steps_left": (
         "How many steps are left?", "how many more steps?", "Am I almost done?",
-        "how many steps to go?", "How many steps remain?",
+        "how many steps to go?", "How many steps remain?", "how much longer?",
     ),
     "procedure": (
         "What is the whole procedure?", "List all the steps", "How many steps are there?",
@@ -159,7 +160,7 @@ def seen_facts(assistant: Assistant, thing: str, window_s: float) -> tuple[str, 
         and now_ns - m.region.frame_timestamp_ns <= window_s * 1e9
     ]
     if not sightings:
-        return ("No: I have not seen",)
+        return ("No: nothing I saw in the last",)
     r = max(sightings, key=lambda r: (r.frame_timestamp_ns, -r.gaze_distance_px))
     box = r.box
     return ("Yes: ", r.label, f"(box {box.x0},{box.y0} to {box.x1},{box.y1} in the scene frame)")

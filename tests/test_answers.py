@@ -125,7 +125,7 @@ def test_facts_of_each_intent() -> None:
         "You just read '2 CHECK FUSE'.",
         "Yes: a cup, 1 s ago, 30 px from your gaze point (box 100,200 to 180,240 in the scene "
         "frame).",
-        "No: I have not seen stop sign in the last 10 s.",
+        "No: nothing I saw in the last 10 s matches 'stop sign'.",
         "Yes: a stop sign, 25 s ago, 80 px from your gaze point (box 100,200 to 180,240 in the "
         "scene frame).",
     ]
@@ -139,7 +139,7 @@ def test_facts_of_each_intent() -> None:
     # Nothing perceived yet: nothing to say about what is looked at or read.
     empty = situation(DEMO, 2)
     for question in ("what am I looking at?", "what did I just read?", "is there a cup?"):
-        assert facts(question, empty).sentence.startswith(("No: I have not seen", CANT_TELL))
+        assert facts(question, empty).sentence.startswith(("No: nothing I saw", CANT_TELL))
 
 
 def test_follow_ups_resolve_against_the_previous_answer() -> None:
