@@ -21,6 +21,7 @@ sentence and the answer share the model's ``LOCAL_RESERVE``.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
@@ -354,12 +355,18 @@ class Assistant:
         )
 
     def ask(
-        self, question: str, *, dense: bool = False, conversation: Conversation | None = None
+        self,
+        question: str,
+        *,
+        dense: bool = False,
+        conversation: Conversation | None = None,
+        stop: threading.Event | None = None,
     ) -> Iterator[str | Answer]:
         """Stream the answer's text pieces, then the finished Answer.
 
         The fact sentence comes first, at once; the model's continuation follows where it
-        passes ``supported``. A follow-up resolves against the ``conversation``'s previous
+        passes ``supported`` (``stop`` set, e.g. by a client that left, ends the model's turn
+        at its next token). A follow-up resolves against the ``conversation``'s previous
         answer, and this answer becomes its previous one. Each decoding step attends the
         model's top-k regions (its settings), or with ``dense`` every region in memory: the
         baseline that ``gazecam bench`` measures sparsity against.
@@ -382,7 +389,7 @@ class Assistant:
             conversation.remember(self.card, routed)
         continuation, stats = "", None
         if routed.phrase and self.model.count_tokens(routed.sentence) <= STEP_PROMPT_MAX_TOKENS:
-            continuation, stats = self._phrase(question, now.step, routed, dense)
+            continuation, stats = self._phrase(question, now.step, routed, dense, stop)
             if continuation:
                 yield continuation
         timings = Timings(
@@ -402,10 +409,16 @@ class Assistant:
         )  # fmt: skip
 
     def _phrase(
-        self, question: str, step: StepEstimate, routed: RoutedAnswer, dense: bool
-    ) -> tuple[str, GenerationStats]:
+        self,
+        question: str,
+        step: StepEstimate,
+        routed: RoutedAnswer,
+        dense: bool,
+        stop: threading.Event | None,
+    ) -> tuple[str, GenerationStats | None]:
         """The model's continuation of the fact sentence, or "" where it is not ``supported``
-        (it is held back until whole, since a fact in its last words drops all of it)."""
+        (it is held back until whole, since a fact in its last words drops all of it); no
+        stats where ``stop`` ended it."""
         prompt = (
             f"{question}\n(The person is on step {step.index}: {self._step_lines[step.index - 1]})"
         )
@@ -421,6 +434,8 @@ class Assistant:
             max_tokens=self.settings.answer_max_tokens,
             stop=("\n",),
         ):
+            if stop is not None and stop.is_set():
+                return "", None  # leaving the loop closes the generation
             if isinstance(item, GenerationStats):
                 stats = item
             else:

@@ -5,6 +5,7 @@ the recorded neon-demo procedure and with the vlm engine."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from gazecam.answers import (
     route,
     supported,
 )
-from gazecam.assistant import Assistant, AssistantSettings
+from gazecam.assistant import Answer, Assistant, AssistantSettings
 from gazecam.llm import LanguageModel
 from gazecam.memory import MemoryRegion
 from gazecam.models import ModelSettings
@@ -207,6 +208,24 @@ def test_the_issue_s_examples_through_the_assistant(
     assert ask(assistant, "how many steps are left?")[0] == (
         "1 step is left after this one (step 3 of 4, Swap the filter)."
     )
+
+
+def test_a_stop_ends_the_model_s_turn_and_keeps_the_facts(
+    real_lm: LanguageModel, perception: Perception
+) -> None:
+    assistant = assistant_on(real_lm, perception)
+    stop = threading.Event()
+    pieces = assistant.ask("what should I do now?", stop=stop)
+    first = next(pieces)
+    stop.set()  # the client left
+    *rest, finished = pieces
+    assert rest == [] and isinstance(finished, Answer)
+    assert (
+        finished.text
+        == first
+        == "Step 1 of 6, Remove cover: Unscrew the front cover and set it aside."
+    )
+    assert finished.timings.prompt_tokens == 0  # the model's turn ended at its first token
 
 
 def report(name: str, graded: list[Graded]) -> None:

@@ -255,7 +255,7 @@ class Runtime:
 
             try:
                 # Leaving the loop early drops the answer's generator, which closes it.
-                for item in assistant.ask(question, conversation=conversation):
+                for item in assistant.ask(question, conversation=conversation, stop=stop):
                     if stop.is_set():
                         break
                     put(item)
