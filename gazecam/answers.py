@@ -120,8 +120,8 @@ _THING_END = (
 )
 _ARTICLES = r"^((a|an|the|any|my|that|this|some) )+"
 _WINDOW = re.compile(
-    r"\b(last|past) (?P<n>[0-9.]+|a|an|one|two|three|four|five|ten|fifteen|twenty|thirty|"
-    r"forty|fifty|sixty)? ?(?P<unit>s|sec|secs|seconds?|m|mins?|minutes?)\b"
+    rf"\b(last|past) (?P<n>[0-9.]+|{'|'.join(_NUMBERS)})? ?"
+    r"(?P<unit>s|sec|secs|seconds?|m|mins?|minutes?)\b"
 )
 
 
@@ -190,7 +190,10 @@ class RoutedAnswer:
         return self.sentence == CANT_TELL
 
 
-NOTHING = RoutedAnswer("unknown", CANT_TELL, (), phrase=False)
+def cant_tell(intent: Intent = "unknown") -> RoutedAnswer:
+    """The answer where nothing can answer (an intent whose source has nothing yet keeps its
+    name: e.g. looking_at before the first keyframe)."""
+    return RoutedAnswer(intent, CANT_TELL, (), phrase=False)
 
 
 class Conversation:
@@ -247,7 +250,7 @@ def answer(question: Route, now: Situation, previous: RoutedAnswer | None = None
         return RoutedAnswer("step_confidence", sentence, ("tracker", "card"), i)
     if question.intent == "time_on_step":
         if now.time_on_step_s is None:
-            return NOTHING
+            return cant_tell("time_on_step")
         sentence = (
             f"You have been on step {i} of {n}, {step.title}, for {now.time_on_step_s:.0f} s."
         )
@@ -256,7 +259,7 @@ def answer(question: Route, now: Situation, previous: RoutedAnswer | None = None
         return _perceived(question.intent, now)
     if question.intent == "seen":
         return _seen(question, now)
-    return NOTHING
+    return cant_tell()
 
 
 def _step_answer(intent: Intent, sentence: str, about: int) -> RoutedAnswer:
@@ -285,7 +288,7 @@ def _follow_up(
 ) -> RoutedAnswer:
     if kind == "why":
         if previous is None or previous.cant_tell:
-            return NOTHING
+            return cant_tell("follow_up")
         # A follow-up's own facts came from the card and the tracker, not from the chat.
         basis = tuple(dict.fromkeys(s for s in previous.sources if s != "conversation"))
         because = " and ".join(_because(source, now) for source in basis)
@@ -325,14 +328,14 @@ def _perceived(intent: Intent, now: Situation) -> RoutedAnswer:
     nearest = sorted(now.latest, key=lambda r: r.gaze_distance_px)
     if intent == "looking_at":
         if not nearest:
-            return NOTHING
+            return cant_tell(intent)
         return RoutedAnswer(intent, f"You are looking at {_thing(nearest[0])}.", ("perception",))
     texts = [r for r in nearest if r.kind == "text"]
     if texts:
         return RoutedAnswer(intent, f"You just read '{texts[0].label}'.", ("perception",))
     remembered = [m.region for m in now.memory if m.region.kind == "text"]
     if not remembered or now.now_ns is None:
-        return NOTHING
+        return cant_tell(intent)
     newest = max(remembered, key=lambda r: r.frame_timestamp_ns)
     age_s = (now.now_ns - newest.frame_timestamp_ns) / 1e9
     return RoutedAnswer(intent, f"You last read '{newest.label}', {age_s:.0f} s ago.", ("memory",))
@@ -342,7 +345,7 @@ def _seen(question: Route, now: Situation) -> RoutedAnswer:
     """Whether the thing was in a keyframe of the last N seconds, when and where."""
     window_s = min(question.within_s or now.horizon_s, now.horizon_s)
     if now.now_ns is None:
-        return NOTHING
+        return cant_tell("seen")
     forms = {normalise_cue(question.thing), normalise_cue(question.thing).removesuffix("s")}
     since_ns = now.now_ns - window_s * 1e9
     sightings = [

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gazecam.answers import Conversation, RoutedAnswer, Situation, Source, answer, route, supported
+from gazecam import answers
 from gazecam.errors import ConfigError, GazecamError
 from gazecam.llm.decoder import (
     LOCAL_RESERVE,
@@ -190,8 +190,8 @@ class Answer:
     timings: Timings
     crop: Crop | None
     engine: EngineInfo  # which engine and weights answered
-    intent: str
-    sources: tuple[Source, ...]
+    intent: answers.Intent
+    sources: tuple[answers.Source, ...]
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object of ``gazecam ask --json`` and the server's answer frame."""
@@ -341,10 +341,10 @@ class Assistant:
         if event.name.startswith("step."):
             self.tracker.event(event.name, event.timestamp_ns)
 
-    def situation(self) -> Situation:
+    def situation(self) -> answers.Situation:
         """What an answer may draw on now: card, tracker, latest regions and memory."""
         crop = self.latest_crop
-        return Situation(
+        return answers.Situation(
             self.card,
             self.tracker.current(),
             self.tracker.time_on_step_s(),
@@ -359,7 +359,7 @@ class Assistant:
         question: str,
         *,
         dense: bool = False,
-        conversation: Conversation | None = None,
+        conversation: answers.Conversation | None = None,
         stop: threading.Event | None = None,
     ) -> Iterator[str | Answer]:
         """Stream the answer's text pieces, then the finished Answer.
@@ -382,7 +382,7 @@ class Assistant:
         started = time.perf_counter()
         now = self.situation()
         previous = conversation.previous(self.card) if conversation is not None else None
-        routed = answer(route(question), now, previous)
+        routed = answers.answer(answers.route(question), now, previous)
         facts_ms = (time.perf_counter() - started) * 1e3
         yield routed.sentence
         if conversation is not None:
@@ -412,7 +412,7 @@ class Assistant:
         self,
         question: str,
         step: StepEstimate,
-        routed: RoutedAnswer,
+        routed: answers.RoutedAnswer,
         dense: bool,
         stop: threading.Event | None,
     ) -> tuple[str, GenerationStats | None]:
@@ -442,7 +442,7 @@ class Assistant:
                 generated.append(item)
         assert stats is not None  # generate always ends with its stats
         continuation = "".join(generated)
-        return (continuation if supported(continuation, routed) else ""), stats
+        return (continuation if answers.supported(continuation, routed) else ""), stats
 
 
 def _mean_decode_kv(stats: GenerationStats | None) -> float:

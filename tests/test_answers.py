@@ -141,6 +141,7 @@ def test_facts_of_each_intent() -> None:
     empty = situation(DEMO, 2)
     for question in ("what am I looking at?", "what did I just read?", "is there a cup?"):
         assert facts(question, empty).sentence.startswith(("No: nothing I saw", CANT_TELL))
+    assert facts("what am I looking at?", empty).intent == "looking_at"  # but nothing to say
 
 
 def test_follow_ups_resolve_against_the_previous_answer() -> None:
