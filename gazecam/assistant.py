@@ -5,20 +5,23 @@ step tracker and the visual memory, and each new region is prefilled into the la
 as its own KV group, all before anyone asks. An ask then only prefills the question and
 decodes, attending to the context, the top-k regions and its own tokens.
 
-What the answer says about the step, what is next, and what the wearer looks at or just read
-comes from the tracker and the memory, never from the model's imagination: it opens the answer
-as a fixed lead sentence, and the model continues from it.
+Every fact in an answer comes from the card, the tracker, perception or the memory, never from
+the model's imagination: ``gazecam.answers`` routes the question and states its facts in a fixed
+sentence, streamed at once; the model continues it, and its continuation is kept only where it
+says nothing the sentence does not (see ``gazecam.answers``).
 
 Every piece of text the model gets has a bound in tokens, so that the context, a full memory
 and an ask always fit the model's positions: the task card takes at most
 ``context_max_tokens`` (see ``context_text``), each region line at most ``REGION_MAX_TOKENS``,
-and the current step's line in the ask prompt at most ``STEP_PROMPT_MAX_TOKENS``; the question,
-that line, the lead sentence and the answer share the model's ``LOCAL_RESERVE``.
+and the current step's line in the ask prompt and the fact sentence the model continues at most
+``STEP_PROMPT_MAX_TOKENS`` each (a longer sentence stands alone); the question, that line, the
+sentence and the answer share the model's ``LOCAL_RESERVE``.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +33,7 @@ from typing import Any, Protocol
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gazecam import answers
 from gazecam.errors import ConfigError, GazecamError
 from gazecam.llm.decoder import (
     LOCAL_RESERVE,
@@ -167,29 +171,35 @@ class Timings:
     """What an answer cost, in milliseconds and tokens."""
 
     perception_ms: float  # the latest keyframe's perception (done before the ask)
-    ttft_ms: float  # ask to the model's first token
+    facts_ms: float  # ask to the fact sentence (routing and look-up: the answer's first piece)
+    ttft_ms: float  # ask to the model's first token (0 where the model was not asked)
     tpot_ms: float  # per output token after the first
     e2e_ms: float  # ask to the whole answer
     prompt_tokens: int  # tokens prefilled at ask time
-    completion_tokens: int  # tokens the model generated (the lead sentence aside)
+    completion_tokens: int  # tokens the model generated, kept or not (facts are not generated)
     attended_kv: float  # visual KV entries attended per decoding step (mean)
     visual_kv: int  # visual KV entries in memory
 
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """A finished answer: its text, the tracker's step, its costs, and the crop it rests on."""
+    """A finished answer: its text, the tracker's step, its costs, the crop it rests on, and
+    the question's intent with where the answer's facts came from."""
 
     text: str
     step: StepEstimate
     timings: Timings
     crop: Crop | None
     engine: EngineInfo  # which engine and weights answered
+    intent: answers.Intent
+    sources: tuple[answers.Source, ...]
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object of ``gazecam ask --json`` and the server's answer frame."""
         return {
             "text": self.text,
+            "intent": self.intent,
+            "sources": list(self.sources),
             "engine": asdict(self.engine),
             "step": asdict(self.step),
             "timings": asdict(self.timings),
@@ -207,27 +217,6 @@ def crop_json(crop: Crop | None) -> dict[str, Any] | None:
         "gaze": [m.gaze_x_px, m.gaze_y_px],
         "box": crop.box.as_list(),
     }
-
-
-def lead_sentence(question: str, step: StepEstimate, card: TaskCard, latest: list[Region]) -> str:
-    """The fixed opening of the answer, from the tracker and the latest keyframe's regions."""
-    q = question.lower()
-    if "next" in q:
-        if step.index == step.total:
-            return f"Step {step.index} of {step.total}, {step.title}, is the last step."
-        following = card.steps[step.index]
-        return f"Next is step {step.index + 1} of {step.total}: {following.title}."
-    if "step" in q:
-        return f"You are on step {step.index} of {step.total}: {step.title}."
-    nearest = sorted(latest, key=lambda r: r.gaze_distance_px)
-    texts = [r for r in nearest if r.kind == "text"]
-    if "read" in q and texts:
-        return f"You just read '{texts[0].label}'."
-    if ("look" in q or "see" in q) and nearest:
-        r = nearest[0]
-        thing = f"the text '{r.label}'" if r.kind == "text" else f"a {r.label}"
-        return f"You are looking at {thing}."
-    return ""
 
 
 def cut(text: str, max_chars: int) -> str:
@@ -353,11 +342,35 @@ class Assistant:
         if event.name.startswith("step."):
             self.tracker.event(event.name, event.timestamp_ns)
 
-    def ask(self, question: str, *, dense: bool = False) -> Iterator[str | Answer]:
+    def situation(self) -> answers.Situation:
+        """What an answer may draw on now: card, tracker, latest regions and memory."""
+        crop = self.latest_crop
+        return answers.Situation(
+            self.card,
+            self.tracker.current(),
+            self.tracker.time_on_step_s(),
+            self.latest_regions,
+            self.memory.regions(),
+            crop.matched.frame.timestamp_ns if crop is not None else None,
+            self.memory.settings.memory_horizon_s,
+        )
+
+    def ask(
+        self,
+        question: str,
+        *,
+        dense: bool = False,
+        conversation: answers.Conversation | None = None,
+        stop: threading.Event | None = None,
+    ) -> Iterator[str | Answer]:
         """Stream the answer's text pieces, then the finished Answer.
 
-        Each decoding step attends the model's top-k regions (its settings), or with ``dense``
-        every region in memory: the baseline that ``gazecam bench`` measures sparsity against.
+        The fact sentence comes first, at once; the model's continuation follows where it
+        passes ``supported`` (``stop`` set, e.g. by a client that left, ends the model's turn
+        at its next token). A follow-up resolves against the ``conversation``'s previous
+        answer, and this answer becomes its previous one. Each decoding step attends the
+        model's top-k regions (its settings), or with ``dense`` every region in memory: the
+        baseline that ``gazecam bench`` measures sparsity against.
         """
         question = " ".join(question.split())
         if not question:
@@ -368,38 +381,75 @@ class Assistant:
                 f"{self.settings.max_question_chars} are taken"
             )
         started = time.perf_counter()
-        step = self.tracker.current()
-        lead = lead_sentence(question, step, self.card, self.latest_regions)
-        now = self._step_lines[step.index - 1]
-        prompt = f"{question}\n(The person is on step {step.index}: {now})"
-        if lead:
-            yield lead
-        generated: list[str] = []
-        stats: GenerationStats | None = None
+        now = self.situation()
+        previous = conversation.previous(self.card) if conversation is not None else None
+        routed = answers.answer(answers.route(question), now, previous)
+        facts_ms = (time.perf_counter() - started) * 1e3
+        yield routed.sentence
+        if conversation is not None:
+            conversation.remember(self.card, routed)
+        continuation, stats = "", None
+        if routed.phrase and self.model.count_tokens(routed.sentence) <= STEP_PROMPT_MAX_TOKENS:
+            continuation, stats = self._phrase(question, now.step, routed, dense, stop)
+            if continuation:
+                yield continuation
+        timings = Timings(
+            perception_ms=round(self.perception_ms, 2),
+            facts_ms=round(facts_ms, 3),
+            ttft_ms=round(stats.ttft_ms, 2) if stats else 0.0,
+            tpot_ms=round(stats.tpot_ms, 2) if stats else 0.0,
+            e2e_ms=round((time.perf_counter() - started) * 1e3, 2),
+            prompt_tokens=stats.prompt_tokens if stats else 0,
+            completion_tokens=stats.generated_tokens if stats else 0,
+            attended_kv=_mean_decode_kv(stats),
+            visual_kv=stats.visual_kv_total if stats else 0,
+        )
+        text = (routed.sentence + continuation).strip()
+        yield Answer(
+            text, now.step, timings, self.latest_crop, self.model.info, routed.intent,
+            routed.sources,
+        )  # fmt: skip
+
+    def _phrase(
+        self,
+        question: str,
+        step: StepEstimate,
+        routed: answers.RoutedAnswer,
+        dense: bool,
+        stop: threading.Event | None,
+    ) -> tuple[str, GenerationStats | None]:
+        """The model's continuation of the fact sentence, or "" where it is not ``supported``
+        (it is held back until whole, since a fact in its last words drops all of it); no
+        stats where ``stop`` ended it."""
+        prompt = (
+            f"{question}\n(The person is on step {step.index}: {self._step_lines[step.index - 1]})"
+        )
         # Unset, top_k_regions means the model's own setting; None attends every region.
         generate = (
             partial(self.model.generate, top_k_regions=None) if dense else self.model.generate
         )
-        # The lead is the start of the model's own answer, so it continues the sentence.
+        generated: list[str] = []
+        stats: GenerationStats | None = None
         for item in generate(
-            prompt, answer_prefix=lead, max_tokens=self.settings.answer_max_tokens, stop=("\n",)
+            prompt,
+            answer_prefix=routed.sentence,
+            max_tokens=self.settings.answer_max_tokens,
+            stop=("\n",),
         ):
+            if stop is not None and stop.is_set():
+                return "", None  # leaving the loop closes the generation
             if isinstance(item, GenerationStats):
                 stats = item
             else:
                 generated.append(item)
-                yield item
         assert stats is not None  # generate always ends with its stats
-        decode_steps = stats.attended_visual_kv[1:] or stats.attended_visual_kv
-        timings = Timings(
-            perception_ms=round(self.perception_ms, 2),
-            ttft_ms=round(stats.ttft_ms, 2),
-            tpot_ms=round(stats.tpot_ms, 2),
-            e2e_ms=round((time.perf_counter() - started) * 1e3, 2),
-            prompt_tokens=stats.prompt_tokens,
-            completion_tokens=stats.generated_tokens,
-            attended_kv=round(sum(decode_steps) / len(decode_steps), 1),
-            visual_kv=stats.visual_kv_total,
-        )
-        text = (lead + "".join(generated)).strip()
-        yield Answer(text, step, timings, self.latest_crop, self.model.info)
+        continuation = "".join(generated)
+        return (continuation if answers.supported(continuation, routed) else ""), stats
+
+
+def _mean_decode_kv(stats: GenerationStats | None) -> float:
+    """Visual KV entries attended per decoding step (the prefill's where none came after)."""
+    if stats is None:
+        return 0.0
+    decode_steps = stats.attended_visual_kv[1:] or stats.attended_visual_kv
+    return round(sum(decode_steps) / len(decode_steps), 1)

@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-import numpy as np
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import CliPositionalArg
 from tqdm import tqdm
@@ -59,8 +58,9 @@ MODE_SPECS: dict[Mode, tuple[CropMode, bool]] = {
     "gaze": ("gaze", True),
     "gaze-sparse": ("gaze", False),
 }
-# Asked in turn. Where an answer opens with a lead sentence, that first piece marks the built
-# prompt; "what should I do" has none, and the model answers it at length (decoding steps).
+# Asked in turn. Each routes to facts (gazecam.answers), whose sentence is the answer's first
+# piece (facts_ms: looked up, not generated); the model then continues it, which times the
+# decoder (ttft_ms, tpot_ms) as before.
 QUESTIONS = ("What step am I on?", "What should I do now?", "What's next?", "What am I looking at?")
 
 
@@ -248,14 +248,13 @@ class Harness:
 
     def ask(self, t_s: float, truth: int | None) -> None:
         """Every mode answers the same question; time its prompt, tokens and whole answer."""
-        from gazecam.assistant import Answer, lead_sentence
+        from gazecam.assistant import Answer
 
         question = QUESTIONS[self.asked % len(QUESTIONS)]
         self.asked += 1
         for run in self.rotation():
             self.lm.cache = run.cache
             a = run.assistant
-            lead = lead_sentence(question, a.tracker.current(), self.card, a.latest_regions)
             started = time.perf_counter()
             pieces: list[float] = []
             answer: Answer | None = None
@@ -266,10 +265,25 @@ class Harness:
                     pieces.append(time.perf_counter())
             assert answer is not None  # ask always ends with its answer
             t, s = answer.timings, run.samples
-            if lead:  # the lead is yielded as soon as the prompt is built
-                s["prompt_build_ms"].append((pieces.pop(0) - started) * 1e3)
-            s["itl_ms"] += (np.diff(pieces) * 1e3).tolist()
-            for metric in ("ttft_ms", "e2e_ms", "prompt_tokens", "visual_kv"):
+            # The fact sentence is yielded as soon as it is looked up.
+            s["facts_ms"].append((pieces.pop(0) - started) * 1e3)
+            s["e2e_ms"].append(t.e2e_ms)
+            s["regions"].append(len(a.memory))
+            run.answers.append(
+                {
+                    "t_s": round(t_s, 3),
+                    "question": question,
+                    "text": answer.text,
+                    "intent": answer.intent,
+                    "step": answer.step.index,
+                    "true_step": truth,
+                }
+            )
+            if truth is not None:
+                run.ask_steps.append((truth, answer.step.index))
+            if not t.prompt_tokens:  # nothing could answer: the model was not asked
+                continue
+            for metric in ("ttft_ms", "prompt_tokens", "visual_kv"):
                 s[metric].append(getattr(t, metric))
             # Had the ask come as the keyframe did, it would have waited for all of it.
             stages = (
@@ -284,18 +298,6 @@ class Harness:
             if t.tpot_ms > 0:  # at least one decoding step (else both stand for the prefill)
                 s["tpot_ms"].append(t.tpot_ms)
                 s["attended_kv"].append(t.attended_kv)
-            s["regions"].append(len(a.memory))
-            run.answers.append(
-                {
-                    "t_s": round(t_s, 3),
-                    "question": question,
-                    "text": answer.text,
-                    "step": answer.step.index,
-                    "true_step": truth,
-                }
-            )
-            if truth is not None:
-                run.ask_steps.append((truth, answer.step.index))
 
 
 def ask_offsets_ns(schedule: list[float] | int, duration_ns: int | None) -> list[int]:

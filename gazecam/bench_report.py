@@ -25,13 +25,14 @@ from gazecam.errors import ConfigError, MissingDependencyError
 if TYPE_CHECKING:
     from gazecam.llm.decoder import LanguageModel
 
-# Per keyframe, then per ask; `itl_ms` has one value per gap between streamed pieces, and
-# `keyframe_ttft_ms` is the first token of an ask that waits for its keyframe's perception
-# (and, with the vlm engine, its vision encoding and prefill).
+# Per keyframe, then per ask; `keyframe_ttft_ms` is the first token of an ask that waits for
+# its keyframe's perception (and, with the vlm engine, its vision encoding and prefill).
+# `facts_ms` is an ask's first piece, its fact sentence (looked up, not generated); `ttft_ms`
+# the model's first token as it continues that sentence.
 METRICS = (
     *("decode_ms", "sync_crop_ms", "perception_ms", "vision_encode_ms", "region_prefill_ms"),
     "regions_found",
-    *("prompt_build_ms", "ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "keyframe_ttft_ms"),
+    *("facts_ms", "ttft_ms", "tpot_ms", "e2e_ms", "keyframe_ttft_ms"),
     *("prompt_tokens", "regions", "visual_kv", "attended_kv"),
 )
 PACKAGES = ("gazecam", "numpy", "onnxruntime", "opencv-python-headless", "av", "tokenizers")
@@ -328,8 +329,8 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 BAR_STAGES = (
     *("decode_ms", "sync_crop_ms", "perception_ms", "vision_encode_ms", "region_prefill_ms"),
-    "prompt_build_ms",
-    *("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"),
+    "facts_ms",
+    *("ttft_ms", "tpot_ms", "e2e_ms"),
 )
 
 

@@ -206,37 +206,42 @@ class RecordCommand(BaseModel):
 
 
 class AskCommand(BaseModel):
-    """Replay a source up to a moment and answer a question about what the wearer was doing."""
+    """Replay a source up to a moment and answer questions about what the wearer was doing."""
 
     source: CliPositionalArg[str] = Field(description=SOURCE_HELP)
-    question: CliPositionalArg[str] = Field(description='The question, e.g. "what step am I on?"')
+    questions: CliPositionalArg[list[str]] = Field(
+        description='The question, e.g. "what step am I on?"; several are asked in order as one '
+        'conversation (a follow-up such as "and after that?" refers to the answer before it).'
+    )
     task: str = Field("demo", description="Task card: a YAML file, or 'demo' (bundled).")
     at: float = Field(ge=0, description="Answer at this many seconds into the source.")
     as_json: bool = Field(
         False,
         alias="json",
-        description="End with one JSON line: text, engine, step, timings, crop.",
+        description="Follow each answer with one JSON line: text, intent, sources, engine, "
+        "step, timings, crop.",
     )
     engine: EngineName | None = Field(None, description=ENGINE_HELP)
     vlm: Path | None = Field(None, description=VLM_HELP)
 
     def cli_cmd(self) -> None:
         """Run the command."""
+        from gazecam.answers import Conversation
         from gazecam.assistant import Answer
 
         check_address(self.source)  # before the models load
         _show_warnings()
-        answer: Answer | None = None
         engines = engine_settings(self.engine, self.vlm)
         assistant = asyncio.run(prepare_assistant(self.source, self.task, self.at, *engines))
-        for item in assistant.ask(self.question):
-            if isinstance(item, Answer):
-                answer = item
-            else:
-                print(item, end="", flush=True)
-        print()
-        if self.as_json and answer is not None:
-            print(json.dumps(answer.to_json()))
+        conversation = Conversation()
+        for question in self.questions:
+            for item in assistant.ask(question, conversation=conversation):
+                if not isinstance(item, Answer):
+                    print(item, end="", flush=True)
+                elif self.as_json:
+                    print()
+                    print(json.dumps(item.to_json()), end="")
+            print()
 
 
 class ModelsCommand(BaseModel):

@@ -116,6 +116,10 @@ class StepTracker:
         self._belief = self._one_hot(0)
         self._evidence = np.zeros(len(card.steps))
         self._evidence_ns: int | None = None  # time the evidence was last brought up to date
+        # The most probable step, since when it is, and the latest time seen (for time on step).
+        self._step = 0
+        self._step_since_ns: int | None = None
+        self._latest_ns: int | None = None
 
     @property
     def posterior(self) -> tuple[float, ...]:
@@ -148,6 +152,7 @@ class StepTracker:
         # With zero skip/back priors, evidence can point only at unreachable steps: keep the
         # prediction rather than divide by zero.
         self._belief = belief / belief.sum() if belief.sum() > 0 else predicted
+        self._note_step(now_ns)
 
     def event(self, name: str, timestamp_ns: int) -> None:
         """Apply ``step.next``, ``step.back`` or ``step.set:N`` (N from 1); ignore other events.
@@ -173,7 +178,20 @@ class StepTracker:
         self._belief = self._one_hot(target)
         # What was seen before a person said where they are must not pull the belief back.
         self._evidence[:] = 0.0
-        self._decay_to(timestamp_ns)
+        self._note_step(self._decay_to(timestamp_ns))
+
+    def time_on_step_s(self) -> float | None:
+        """Seconds from when the current step became the most probable one to the latest
+        keyframe or event; None before the first."""
+        if self._step_since_ns is None or self._latest_ns is None:
+            return None
+        return (self._latest_ns - self._step_since_ns) / 1e9
+
+    def _note_step(self, now_ns: int) -> None:
+        step = int(np.argmax(self._belief))
+        if step != self._step or self._step_since_ns is None:
+            self._step, self._step_since_ns = step, now_ns
+        self._latest_ns = now_ns
 
     def _one_hot(self, index: int) -> NDArray[np.float64]:
         belief = np.zeros(len(self.card.steps))

@@ -21,7 +21,6 @@ from gazecam.assistant import (
     check_positions,
     context_text,
     cut,
-    lead_sentence,
     longest_fit,
 )
 from gazecam.bench import QUESTIONS
@@ -33,11 +32,10 @@ from gazecam.llm.decoder import LOCAL_RESERVE
 from gazecam.llm.tokenizer import ChatFormat, ChatTokenizer, Prompt, Special
 from gazecam.memory import MemorySettings
 from gazecam.perception import Perception, create_perception
-from gazecam.records import Box, Region, SourceEvent
+from gazecam.records import SourceEvent
 from gazecam.settings import CaptureSettings, SourceSettings
 from gazecam.sources import open_source
 from gazecam.sources.synthetic import START_NS, SyntheticSource
-from gazecam.steps import StepEstimate
 from gazecam.tasks import MAX_STEPS, CardTooLargeError, TaskCard, load_task_card
 from tests.perception import require_models
 from tests.test_tasks import long_card_yaml
@@ -46,32 +44,6 @@ CHATML = ChatFormat("chatml")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"  # what the text engine's answers name
 
 CARD = load_task_card(Path(__file__).parents[1] / "gazecam" / "data" / "demo_task.yaml")
-
-
-def text(label: str, distance_px: float, kind: str = "text") -> Region:
-    return Region(kind, label, 0.9, Box(0, 0, 1, 1), distance_px, 0)  # type: ignore[arg-type]
-
-
-def test_lead_sentences_come_from_the_tracker_and_the_regions() -> None:
-    step = StepEstimate(3, "Connect cable", 6, 0.8)
-    seen = [text("clock", 40, "object"), text("3 CONNECT CABLE", 0), text("SPARE", 90)]
-    assert lead_sentence("What step am I on?", step, CARD, seen) == (
-        "You are on step 3 of 6: Connect cable."
-    )
-    assert lead_sentence("what's next?", step, CARD, seen) == "Next is step 4 of 6: Set dial to 5."
-    last = StepEstimate(6, "Close cover", 6, 0.9)
-    assert (
-        lead_sentence("what's next", last, CARD, [])
-        == "Step 6 of 6, Close cover, is the last step."
-    )
-    assert lead_sentence("What am I looking at?", step, CARD, seen) == (
-        "You are looking at the text '3 CONNECT CABLE'."
-    )
-    assert lead_sentence("what do you see", step, CARD, [seen[0]]) == "You are looking at a clock."
-    assert lead_sentence("What did I just read?", step, CARD, seen) == (
-        "You just read '3 CONNECT CABLE'."
-    )
-    assert lead_sentence("Is the fuse dark?", step, CARD, seen) == ""
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +228,8 @@ def test_what_step_am_i_on(demo_run) -> None:  # type: ignore[no-untyped-def]
     assert 0 < t.attended_kv < t.visual_kv
     assert answer.crop is not None and answer.crop.box.width_px == 448
     blob = answer.to_json()
-    assert set(blob) == {"text", "engine", "step", "timings", "crop"}
+    assert set(blob) == {"text", "intent", "sources", "engine", "step", "timings", "crop"}
+    assert blob["intent"] == "current_step" and blob["sources"] == ["tracker", "card"]
     assert blob["engine"] == {"engine": "text", "model": GGUF_NAME, "random_weights": False}
     assert blob["step"]["index"] == 6 and len(blob["crop"]["box"]) == 4
     json.dumps(blob)
@@ -312,6 +285,11 @@ def test_ask_command_prints_the_answer_and_json(
         "prompt_tokens",
         "attended_kv",
     }
+    # Several questions are one conversation: the follow-up is about the answer before it.
+    assert main(["ask", "synthetic:demo", "--at", "13", "what's next?", "and after that?"]) == 0
+    first, follow_up = capsys.readouterr().out.strip().splitlines()
+    after = int(first.removeprefix("Next is step ")[0])
+    assert follow_up.startswith(f"After step {after} comes step {after + 1} of 6")
     assert main(["ask", "synthetic:demo", "--at", "1", "x" * 600]) == 2
     assert "question: 600 characters" in capsys.readouterr().err
     assert main(["ask", "synthetic:demo", "--at", "1", "--task", "/no/card.yaml", "hi"]) == 2

@@ -180,3 +180,21 @@ def test_bad_step_event_names_the_event_and_the_range(name: str) -> None:
     assert str(caught.value) == (
         f"event {name!r}: expected step.next, step.back or step.set:N with N in 1..6"
     )
+
+
+def test_time_on_step_counts_from_when_the_step_became_the_most_probable() -> None:
+    tracker = StepTracker(demo_card(), SETTINGS)
+    assert tracker.time_on_step_s() is None  # nothing seen yet
+    for k in range(4):
+        tracker.observe([region("REMOVE COVER", k * 0.5)], T0_NS + round(k * 0.5 * S_NS))
+    assert tracker.current().index == 1 and tracker.time_on_step_s() == 1.5
+    k = 4
+    while tracker.current().index == 1:
+        tracker.observe([region("CHECK FUSE", k * 0.5)], T0_NS + round(k * 0.5 * S_NS))
+        k += 1
+    moved_s = (k - 1) * 0.5
+    assert tracker.time_on_step_s() == 0.0
+    tracker.observe([region("CHECK FUSE", moved_s + 2)], T0_NS + round((moved_s + 2) * S_NS))
+    assert tracker.current().index == 2 and tracker.time_on_step_s() == 2.0
+    tracker.event("step.next", T0_NS + round((moved_s + 3) * S_NS))
+    assert tracker.current().index == 3 and tracker.time_on_step_s() == 0.0

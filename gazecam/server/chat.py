@@ -10,8 +10,8 @@ parameter where an OpenAI client would get something other than it asked for (``
 tools, a JSON response format, logprobs, audio). Earlier messages and system prompts are not
 read: the prompt is gazecam's own (task card, step, what perception saw). Images a client
 sends are not read either: the answer rests on what the wearer looks at, not on the client's
-camera. gazecam's own fields of an answer (step, crop, engine, timings) come in the extension
-field ``gazecam``, which OpenAI clients keep as an extra. See docs/protocol.md.
+camera. gazecam's own fields of an answer (intent, sources, step, crop, engine, timings) come
+in the extension field ``gazecam``, which OpenAI clients keep as an extra. See docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -222,7 +222,8 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
     usage: ChatUsage
     gazecam: dict[str, Any] = Field(
-        description="gazecam's extension: engine, step, timings and crop, as in /v1/ask's answer."
+        description="gazecam's extension: intent, sources, engine, step, timings and crop, as in "
+        "/v1/ask's answer."
     )
 
 

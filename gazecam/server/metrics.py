@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector
 
 from gazecam.server.pipeline import PipelineStats
 
-# Time to first token spans a lead sentence from the tracker (milliseconds) to an answer
+# Time to first token spans a fact sentence looked up at once (milliseconds) to an answer
 # that waited behind other clients' answers (seconds).
 _TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # The wait in the queue is none for a lone client, and at most GAZECAM_ASK_QUEUE_WAIT_S.

@@ -40,6 +40,7 @@ from typing import Any
 
 import cv2
 
+from gazecam.answers import Conversation
 from gazecam.assistant import Answer, Assistant, AssistantSettings, Engines, crop_json
 from gazecam.records import Crop, SourceEvent
 from gazecam.server.errors import ClientError
@@ -226,9 +227,13 @@ class Runtime:
             self._waiting.remove(me)
 
     async def ask(
-        self, question: str, started: Callable[[float], object] | None = None
+        self,
+        question: str,
+        started: Callable[[float], object] | None = None,
+        conversation: Conversation | None = None,
     ) -> AsyncGenerator[str | Answer, None]:
-        """The answer's pieces as the generation thread makes them, then the Answer.
+        """The answer's pieces as the generation thread makes them, then the Answer; a
+        follow-up resolves against the ``conversation`` (the asking socket's).
 
         Waits its turn behind other clients' answers, or raises QueueFullError; ``started`` is told
         the seconds waited when the answer starts. Refused as ``not_ready`` while the source is
@@ -248,7 +253,7 @@ class Runtime:
 
             try:
                 # Leaving the loop early drops the answer's generator, which closes it.
-                for item in assistant.ask(question):
+                for item in assistant.ask(question, conversation=conversation, stop=stop):
                     if stop.is_set():
                         break
                     put(item)

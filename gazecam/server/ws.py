@@ -4,6 +4,7 @@ On ``/v1/ask`` a socket reads on while its answer streams, so a message that com
 is answered at once: with an error, or ``busy`` for a second ask (each socket has at most one
 ask under way; across sockets, asks wait their turn for the generation thread, within the
 queue's bounds: beyond them an ask gets ``busy`` with its queue position, see runtime.py).
+Each socket is one conversation: a follow-up resolves against that socket's previous answer.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
+from gazecam.answers import Conversation
 from gazecam.assistant import Answer
 from gazecam.server.deps import MetricsDep, OpenWebSocket, RateLimiterDep, RuntimeDep, SettingsDep
 from gazecam.server.errors import ClientError, client_error
@@ -55,6 +57,8 @@ class AskSession:
         # task may still be finishing after that, so tasks are kept apart.
         self._open_ask: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # The socket's own history: a follow-up ("and after that?") resolves against it.
+        self._conversation = Conversation()
 
     async def run(self) -> None:
         """Serve the socket until the client leaves; an answer under way is then stopped."""
@@ -99,7 +103,9 @@ class AskSession:
         outcome = "answered"
         first = True
         try:
-            answer = self._runtime.ask(ask.question, self._metrics.ask_queue_wait.observe)
+            answer = self._runtime.ask(
+                ask.question, self._metrics.ask_queue_wait.observe, self._conversation
+            )
             async with contextlib.aclosing(answer) as pieces:
                 async for piece in pieces:
                     if isinstance(piece, Answer):

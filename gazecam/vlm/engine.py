@@ -251,8 +251,8 @@ class VisionLanguageModel(LanguageModel):
 
     def observe(self, crop: Crop, added: Sequence[MemoryRegion], dropped: Sequence[str]) -> None:
         """Encode a keyframe and prefill its visual tokens; the oldest keyframes beyond
-        ``GAZECAM_VLM_KEYFRAMES`` are forgotten. (Perception's text regions are the step
-        tracker's and the lead sentences'; this engine attends to what it sees itself.)"""
+        ``GAZECAM_VLM_KEYFRAMES`` are forgotten. (Perception's regions feed the step tracker
+        and the answers' facts; this engine attends to what it sees itself.)"""
         image = self.encode(crop)
         self._count += 1
         x, y = crop.matched.gaze_x_px, crop.matched.gaze_y_px

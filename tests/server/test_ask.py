@@ -4,6 +4,7 @@ socket open, busy sockets, the token, and the rate limit."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -46,11 +47,12 @@ def test_an_answer_streams_tokens_then_the_answer(client: TestClient) -> None:
         ask(socket, "q1", "What step am I on?")
         tokens, frame = answer(socket, "q1")
     after = client.get("/v1/status").json()["step"]["index"]
-    assert len(tokens) >= 2  # the tracker's lead sentence, then the model's words
+    # The fact sentence, then the model's words where they add no fact.
+    assert tokens[0] == f"You are on step {frame['step']['index']} of 6: {frame['step']['title']}."
     assert "".join(tokens).strip() == frame["text"]
+    assert frame["intent"] == "current_step" and frame["sources"] == ["tracker", "card"]
     step = frame["step"]
     assert step["index"] in (before, after) and step["total"] == 6
-    assert frame["text"].startswith(f"You are on step {step['index']} of 6: {step['title']}.")
     assert set(frame["timings"]) >= {"ttft_ms", "tpot_ms", "e2e_ms", "prompt_tokens"}
     crop = frame["crop"]
     x0, y0, x1, y1 = crop["box"]
@@ -67,6 +69,35 @@ def test_the_answer_reports_the_step_an_event_set(client: TestClient) -> None:
     if frame["step"]["index"] == 6:  # a keyframe may have moved it since: then it says so
         assert frame["text"].startswith("Step 6 of 6, Close cover, is the last step.")
     assert frame["step"]["index"] in (6, tracker["index"])
+
+
+def about_step(text: str) -> int:
+    """The step an answer is about: the first "step N of 6" it names."""
+    match = re.search(r"[Ss]tep (\d) of 6", text)
+    assert match is not None, text
+    return int(match[1])
+
+
+def test_each_socket_is_its_own_conversation(client: TestClient) -> None:
+    client.post("/v1/events", json={"name": "step.set:3"})
+    with (
+        client.websocket_connect(f"{WS}/v1/ask") as first,
+        client.websocket_connect(f"{WS}/v1/ask") as second,
+    ):
+        ask(first, "a1", "what's next?")
+        ask(second, "b1", "what was the previous step?")
+        abouts = [about_step(answer(first, "a1")[1]["text"])]
+        abouts.append(about_step(answer(second, "b1")[1]["text"]))
+        assert abouts[0] > abouts[1]  # next and previous of (about) the same step
+        for socket, request_id, about in zip((first, second), ("a2", "b2"), abouts, strict=True):
+            ask(socket, request_id, "and after that?")
+            _, frame = answer(socket, request_id)
+            # Each follows its own socket's previous answer, not the other's.
+            assert frame["text"].startswith(f"After step {about} comes step {about + 1} of 6")
+            assert frame["intent"] == "follow_up" and frame["sources"] == ["conversation", "card"]
+    with client.websocket_connect(f"{WS}/v1/ask") as fresh:  # a new socket has no history
+        ask(fresh, "c1", "why?")
+        assert answer(fresh, "c1")[1]["text"] == "I can't tell from what I've seen."
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,8 @@ def check_answer(text: str, extension: dict[str, Any]) -> None:
     step = extension["step"]
     assert step["total"] == 6 and 1 <= step["index"] <= 6
     assert text.startswith(f"You are on step {step['index']} of 6: {step['title']}.")
-    assert set(extension) == {"engine", "step", "timings", "crop"}
+    assert set(extension) == {"intent", "sources", "engine", "step", "timings", "crop"}
+    assert extension["intent"] == "current_step"
     assert extension["engine"]["engine"] == "text"
     x0, y0, x1, y1 = extension["crop"]["box"]
     assert (x1 - x0, y1 - y0) == (448, 448)
@@ -99,9 +100,9 @@ def test_a_streamed_completion_ends_with_usage_and_done(base_url: str) -> None:
     assert len({chunk.id for chunk in chunks}) == 1
     first, *middle, last_choice, usage_chunk = chunks
     assert first.choices[0].delta.role == "assistant"
-    # The tracker's lead sentence, then the model's tokens, each a chunk of its own.
+    # The fact sentence, then the model's continuation where the checker kept it, a chunk each.
     texts = [chunk.choices[0].delta.content for chunk in middle]
-    assert len(texts) >= 2 and all(texts)
+    assert 1 <= len(texts) <= 2 and all(texts)
     assert last_choice.choices[0].finish_reason in ("stop", "length")
     extension = last_choice.model_extra["gazecam"]
     check_answer("".join(t or "" for t in texts).strip(), extension)

@@ -48,7 +48,7 @@ def test_the_vlm_engine_answers_through_the_same_protocol(
         with client.websocket_connect(f"{WS}/v1/ask") as socket:
             ask(socket, "q1", "What step am I on?")
             _, frame = answer(socket, "q1")
-    # The tracker's lead sentence, then the random model's words; the crop it rests on.
+    # The fact sentence (then the random model's words where they add no fact); the crop.
     assert frame["text"].startswith(f"You are on step {frame['step']['index']} of 6")
     assert frame["engine"]["engine"] == "vlm" and frame["crop"]["box"]
     assert frame["timings"]["visual_kv"] > 49  # a keyframe's blocks and its frame group
