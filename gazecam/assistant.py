@@ -44,7 +44,7 @@ from gazecam.memory import MemoryRegion, MemorySettings, VisualMemory
 from gazecam.models import ModelError, ModelSettings, fetch
 from gazecam.perception import Perception
 from gazecam.records import Crop, Region, SourceEvent
-from gazecam.steps import StepEstimate, StepSettings, StepTracker
+from gazecam.steps import ImageEncoder, StepEstimate, StepSettings, StepTracker
 from gazecam.tasks import CardTooLargeError, TaskCard, load_task_card
 
 ASSISTANT_MODELS = ("ppocr-det", "ppocr-rec", "yolox-nano", "smollm2-135m-gguf")
@@ -300,12 +300,24 @@ class Assistant:
         settings: AssistantSettings | None = None,
         memory: MemorySettings | None = None,
         steps: StepSettings | None = None,
+        encoder: ImageEncoder | None = None,
     ) -> None:
         self.card = card
         self.settings = settings or AssistantSettings()
         self.perception = perception
         self.model = model
-        self.tracker = StepTracker(card, steps or StepSettings())
+        self.encoder = encoder
+        # The card's photos are embedded here, once (with an encoder).
+        self.tracker = StepTracker(card, steps or StepSettings(), encoder)
+        photos = sum(map(len, card.photos))
+        # Why the card's photos count for nothing, said once per card (and in /v1/status).
+        self.warning: str | None = None
+        if photos and not self.tracker.uses_photos:
+            self.warning = (
+                f"task card {card.name!r}: its {photos} photos are ignored: no image encoder "
+                "(the classifier is disabled or its model is missing)"
+            )
+            logger.warning("%s", self.warning)
         self.memory = VisualMemory(memory)
         self.latest_crop: Crop | None = None
         self.latest_regions: list[Region] = []

@@ -177,7 +177,14 @@ class Runtime:
         with self._tracker_lock:
             old = self.assistant
             # Raises before anything changes if the card cannot be taken.
-            new = Assistant(card, old.perception, old.model, old.settings, old.memory.settings)
+            new = Assistant(
+                card,
+                old.perception,
+                old.model,
+                old.settings,
+                old.memory.settings,
+                encoder=old.encoder,
+            )
             # The memory's regions are in the model's KV cache: the new assistant keeps them
             # (and drops them in its turn), and answers from the latest keyframe at once.
             new.memory, new.latest_crop = old.memory, old.latest_crop
@@ -317,7 +324,12 @@ class Runtime:
                 "regions_in_memory": len(self.assistant.memory),
                 "warning": self.engines.warning,
             },
-            "task": {"name": self.assistant.card.name, "steps": len(self.assistant.card.steps)},
+            "task": {
+                "name": self.assistant.card.name,
+                "steps": len(self.assistant.card.steps),
+                "photos": sum(map(len, self.assistant.card.photos)),
+                "warning": self.assistant.warning,
+            },
             "step": asdict(self.step()),
             "frames": asdict(pipeline.stats),
             "uptime_s": round(time.monotonic() - self.started, 3),
