@@ -27,6 +27,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+from numpy.typing import NDArray
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -47,7 +49,13 @@ from gazecam.records import Crop, Region, SourceEvent
 from gazecam.steps import ImageEncoder, StepEstimate, StepSettings, StepTracker
 from gazecam.tasks import CardTooLargeError, TaskCard, load_task_card
 
-ASSISTANT_MODELS = ("ppocr-det", "ppocr-rec", "yolox-nano", "smollm2-135m-gguf")
+ASSISTANT_MODELS = (
+    "ppocr-det",
+    "ppocr-rec",
+    "yolox-nano",
+    "efficientnet-lite0",
+    "smollm2-135m-gguf",
+)
 logger = logging.getLogger(__name__)
 BUNDLED_TASKS = {"demo": Path(__file__).parent / "data" / "demo_task.yaml"}
 # The current step's "title. instruction" in the ask prompt: a sentence or two.
@@ -321,6 +329,7 @@ class Assistant:
         self.memory = VisualMemory(memory)
         self.latest_crop: Crop | None = None
         self.latest_regions: list[Region] = []
+        self.latest_feature: NDArray[np.float32] | None = None  # the crop's image feature
         self.perception_ms = 0.0
         check_positions(
             self.settings, model.memory_tokens(self.memory.settings), model.max_positions
@@ -349,7 +358,8 @@ class Assistant:
         never waits for it.
         """
         started = time.perf_counter()
-        regions = self.perception.perceive(crop)
+        percept = self.perception.perceive(crop)
+        regions = list(percept.regions)
         self.perception_ms = (time.perf_counter() - started) * 1e3
         timestamp_ns = crop.matched.frame.timestamp_ns
         self.tracker.observe(regions, timestamp_ns)
@@ -357,6 +367,7 @@ class Assistant:
         lines = [replace(e, text=self._cut(e.text, REGION_MAX_TOKENS)) for e in added]
         self.model.observe(crop, lines, dropped)
         self.latest_crop, self.latest_regions = crop, regions
+        self.latest_feature = percept.feature
         return regions
 
     def observe_event(self, event: SourceEvent) -> None:

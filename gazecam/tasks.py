@@ -8,7 +8,7 @@ A card looks like this::
         instruction: Undo the four screws and lift the cover off.
         cues:
           text: ["remove cover"]      # OCR text that shows this step (case/space-insensitive)
-          objects: ["screwdriver"]    # COCO class names the detector reports
+          objects: ["screwdriver"]    # class names: COCO (detector) or ImageNet (classifier)
           images: [remove_cover.jpg]  # reference photos, paths relative to the card file
       - title: Check the fuse
         instruction: Pull the fuse and hold it against the light.
@@ -123,7 +123,9 @@ class Cues(BaseModel):
         (), description="Text that shows this step (OCR; compared case- and space-insensitively)."
     )
     objects: tuple[Cue, ...] = Field(
-        (), description="Object class names (COCO, e.g. 'stop sign') that show this step."
+        (),
+        description="Object class names that show this step: COCO's (the detector, e.g. 'stop "
+        "sign') or ImageNet's (the classifier, e.g. 'padlock'; gazecam/data/imagenet/classes.txt).",
     )
     images: tuple[PhotoPath, ...] = Field(
         (),

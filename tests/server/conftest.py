@@ -42,7 +42,7 @@ WS = "ws://127.0.0.1"
 @pytest.fixture(scope="session")
 def engines(real_dir: Path) -> Engines:
     """Perception and SmolLM2, loaded once for every app of the session."""
-    models = require_models("ppocr-det", "ppocr-rec", "yolox-nano")
+    models = require_models("ppocr-det", "ppocr-rec", "yolox-nano", "efficientnet-lite0")
     return Engines(
         create_perception(models=models), LanguageModel(LLMSettings(llm_model_dir=real_dir))
     )
