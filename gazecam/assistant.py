@@ -46,7 +46,7 @@ from gazecam.memory import MemoryRegion, MemorySettings, VisualMemory
 from gazecam.models import ModelError, ModelSettings, fetch
 from gazecam.perception import Perception
 from gazecam.records import Crop, Region, SourceEvent
-from gazecam.steps import ImageEncoder, StepEstimate, StepSettings, StepTracker
+from gazecam.steps import StepEstimate, StepSettings, StepTracker
 from gazecam.tasks import CardTooLargeError, TaskCard, load_task_card
 
 ASSISTANT_MODELS = (
@@ -308,15 +308,13 @@ class Assistant:
         settings: AssistantSettings | None = None,
         memory: MemorySettings | None = None,
         steps: StepSettings | None = None,
-        encoder: ImageEncoder | None = None,
     ) -> None:
         self.card = card
         self.settings = settings or AssistantSettings()
         self.perception = perception
         self.model = model
-        self.encoder = encoder
-        # The card's photos are embedded here, once (with an encoder).
-        self.tracker = StepTracker(card, steps or StepSettings(), encoder)
+        # The card's photos are embedded here, once, by perception's classifier.
+        self.tracker = StepTracker(card, steps or StepSettings(), perception.classifier)
         photos = sum(map(len, card.photos))
         # Why the card's photos count for nothing, said once per card (and in /v1/status).
         self.warning: str | None = None
@@ -362,7 +360,7 @@ class Assistant:
         regions = list(percept.regions)
         self.perception_ms = (time.perf_counter() - started) * 1e3
         timestamp_ns = crop.matched.frame.timestamp_ns
-        self.tracker.observe(regions, timestamp_ns)
+        self.tracker.observe(regions, timestamp_ns, percept.feature)
         added, dropped = self.memory.add_keyframe(timestamp_ns, regions)
         lines = [replace(e, text=self._cut(e.text, REGION_MAX_TOKENS)) for e in added]
         self.model.observe(crop, lines, dropped)

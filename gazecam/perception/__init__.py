@@ -98,6 +98,11 @@ class Perception(Protocol):
         """The regions found in the crop (boxes in frame pixels) and its feature."""
         ...
 
+    @property
+    def classifier(self) -> ImageClassifier | None:
+        """The image classifier where it runs: the encoder of a task card's photos too."""
+        ...
+
 
 class RegionFinder(Protocol):
     """One backend (OCR, the detector): the regions it finds in a crop."""

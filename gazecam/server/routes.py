@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -152,7 +152,7 @@ async def _card_and_photos(
 ) -> tuple[bytes, dict[str, bytes]]:
     """The card's YAML and the photos, by part name, of a multipart/form-data ``body``."""
 
-    async def chunks() -> AsyncIterator[bytes]:
+    async def chunks() -> AsyncGenerator[bytes, None]:
         yield body
 
     parser = MultiPartParser(

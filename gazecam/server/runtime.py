@@ -177,14 +177,7 @@ class Runtime:
         with self._tracker_lock:
             old = self.assistant
             # Raises before anything changes if the card cannot be taken.
-            new = Assistant(
-                card,
-                old.perception,
-                old.model,
-                old.settings,
-                old.memory.settings,
-                encoder=old.encoder,
-            )
+            new = Assistant(card, old.perception, old.model, old.settings, old.memory.settings)
             # The memory's regions are in the model's KV cache: the new assistant keeps them
             # (and drops them in its turn), and answers from the latest keyframe at once.
             new.memory, new.latest_crop = old.memory, old.latest_crop

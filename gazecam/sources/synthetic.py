@@ -16,7 +16,7 @@ photo of a panel that the demo card's photo cues name (gazecam/data/demo_photos)
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -322,12 +322,13 @@ def demo_photo(step: int) -> BGRImage:
     scene = DemoScene(1.0, labels=False)
     x, y = scene.targets_world_px[step - 1]
     centre = (x, y + _OBJECT_BELOW_LABEL_PX / 2)  # between the label's place and the drawing
-    turn = cv2.getRotationMatrix2D(centre, _PHOTO_ANGLE_DEG[step - 1], _PHOTO_SCALE)
+    angle_deg = _PHOTO_ANGLE_DEG[step - 1]
+    turn = np.asarray(cv2.getRotationMatrix2D(centre, angle_deg, _PHOTO_SCALE), np.float64)
     turn[:, 2] += np.array([DEMO_PHOTO_PX / 2, DEMO_PHOTO_PX / 2]) - centre
     photo = cv2.warpAffine(
         scene.canvas, turn, (DEMO_PHOTO_PX, DEMO_PHOTO_PX), flags=cv2.INTER_LINEAR
     )
-    return cv2.convertScaleAbs(photo, alpha=_PHOTO_GAIN[step - 1])
+    return np.asarray(cv2.convertScaleAbs(photo, alpha=_PHOTO_GAIN[step - 1]), np.uint8)
 
 
 def write_demo_photos(folder: Path) -> list[Path]:
@@ -360,7 +361,10 @@ def read_frame_code(image: BGRImage) -> int:
     return index
 
 
-SCENES = {"demo": DemoScene, "demo-notext": partial(DemoScene, labels=False)}
+SCENES: dict[str, Callable[[float], DemoScene]] = {
+    "demo": DemoScene,
+    "demo-notext": partial(DemoScene, labels=False),
+}
 
 
 class SyntheticSource:
