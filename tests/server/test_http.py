@@ -42,7 +42,12 @@ def test_status_says_what_is_served_and_counts_frames(client: TestClient) -> Non
         "last_error": None,
     }
     assert status["model"]["language_model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert status["task"] == {"name": "Reset the control box", "steps": 6}
+    assert status["task"] == {
+        "name": "Reset the control box",
+        "steps": 6,
+        "photos": 6,
+        "warning": None,
+    }
     assert status["step"]["total"] == 6 and 1 <= status["step"]["index"] <= 6
     frames = status["frames"]
     assert frames["frames_in"] >= frames["frames_processed"] - 1 > 0
