@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+import cv2
+import numpy as np
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from gazecam.tasks import MAX_PHOTO_SIDE_PX
 from tests.server.conftest import DEMO_CARD, LOCAL, card_upload, first_crop
 
 UPLOAD_LIMIT = 200_000  # the demo card and its six photos take about 110 kB
@@ -98,4 +101,18 @@ def test_an_upload_over_the_limit_is_refused_and_the_card_kept(
     response = client.post("/v1/task", files=upload)
     assert response.status_code == 413
     assert response.json()["message"] == f"body longer than {UPLOAD_LIMIT} bytes"
+    assert client.get("/v1/status").json()["task"] == tea
+
+
+def test_a_photo_over_the_pixel_limit_is_refused_naming_its_field(
+    client: TestClient, tea: object
+) -> None:
+    wide = cv2.imencode(".png", np.zeros((2, MAX_PHOTO_SIDE_PX + 1, 3), np.uint8))[1].tobytes()
+    upload = card_upload(DEMO_CARD) | {"demo_photos/step6.jpg": ("step6.jpg", wide)}
+    response = client.post("/v1/task", files=upload)
+    assert response.status_code == 413
+    assert response.json()["message"] == (
+        f"task card: steps.6.cues.images.1 'demo_photos/step6.jpg': {MAX_PHOTO_SIDE_PX + 1}×2 "
+        f"px, a photo may be at most {MAX_PHOTO_SIDE_PX} px on a side"
+    )
     assert client.get("/v1/status").json()["task"] == tea
