@@ -82,9 +82,9 @@ class StepSettings(BaseSettings):
         description="Log-likelihood a step gains per unit of evidence (one full-confidence cue "
         "at the gaze point is one unit).",
     )
-    # Measured on the demo (EfficientNet-Lite0 features, tests/test_steps.py): the best step's
-    # photo beats the second by 0.02-0.36 (5th-95th percentile), and the tracker's accuracy on
-    # the textless demo is the same (0.88) from 0.01 to 0.03 and lower from 0.05 on.
+    # Measured on the demo (EfficientNet-Lite0, tests/test_photo_cues.py): the best step's photo
+    # beats the second by 0.02-0.36 (5th-95th percentile), and the tracker's accuracy on the
+    # textless demo is the same (0.88) from 0.01 to 0.03 and lower from 0.05 on.
     step_photo_temperature: float = Field(
         0.03,
         gt=0,
