@@ -30,6 +30,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+from numpy.typing import NDArray
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -51,7 +53,13 @@ from gazecam.records import Crop, Region, SourceEvent
 from gazecam.steps import StepEstimate, StepSettings, StepTracker
 from gazecam.tasks import CardTooLargeError, TaskCard, load_task_card
 
-ASSISTANT_MODELS = ("ppocr-det", "ppocr-rec", "yolox-nano", "smollm2-135m-gguf")
+ASSISTANT_MODELS = (
+    "ppocr-det",
+    "ppocr-rec",
+    "yolox-nano",
+    "efficientnet-lite0",
+    "smollm2-135m-gguf",
+)
 logger = logging.getLogger(__name__)
 BUNDLED_TASKS = {"demo": Path(__file__).parent / "data" / "demo_task.yaml"}
 # The current step's "title. instruction" in the ask prompt: a sentence or two.
@@ -295,10 +303,21 @@ class Assistant:
         self.settings = settings or AssistantSettings()
         self.perception = perception
         self.model = model
-        self.tracker = StepTracker(card, steps or StepSettings())
+        # The card's photos are embedded here, once, by perception's classifier.
+        self.tracker = StepTracker(card, steps or StepSettings(), perception.classifier)
+        photos = sum(map(len, card.photos))
+        # Why the card's photos count for nothing, said once per card (and in /v1/status).
+        self.warning: str | None = None
+        if photos and not self.tracker.uses_photos:
+            self.warning = (
+                f"task card {card.name!r}: its {photos} photos are ignored: no image encoder "
+                "(the classifier is disabled or its model is missing)"
+            )
+            logger.warning("%s", self.warning)
         self.memory = VisualMemory(memory)
         self.latest_crop: Crop | None = None
         self.latest_regions: list[Region] = []
+        self.latest_feature: NDArray[np.float32] | None = None  # the crop's image feature
         self.perception_ms = 0.0
         check_positions(
             self.settings, model.memory_tokens(self.memory.settings), model.max_positions
@@ -327,14 +346,16 @@ class Assistant:
         never waits for it.
         """
         started = time.perf_counter()
-        regions = self.perception.perceive(crop)
+        percept = self.perception.perceive(crop)
+        regions = list(percept.regions)
         self.perception_ms = (time.perf_counter() - started) * 1e3
         timestamp_ns = crop.matched.frame.timestamp_ns
-        self.tracker.observe(regions, timestamp_ns)
+        self.tracker.observe(regions, timestamp_ns, percept.feature)
         added, dropped = self.memory.add_keyframe(timestamp_ns, regions)
         lines = [replace(e, text=self._cut(e.text, REGION_MAX_TOKENS)) for e in added]
         self.model.observe(crop, lines, dropped)
         self.latest_crop, self.latest_regions = crop, regions
+        self.latest_feature = percept.feature
         return regions
 
     def observe_event(self, event: SourceEvent) -> None:

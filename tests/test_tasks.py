@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pydantic
 import pytest
 
@@ -12,6 +14,9 @@ from gazecam.errors import ConfigError
 from gazecam.server.settings import ServerSettings
 from gazecam.tasks import (
     MAX_CARD_BYTES,
+    MAX_PHOTO_BYTES,
+    MAX_PHOTO_SIDE_PX,
+    MAX_STEP_PHOTOS,
     MAX_STEPS,
     MAX_YAML_DEPTH,
     CardTooLargeError,
@@ -243,3 +248,108 @@ def test_a_long_card_is_valid() -> None:
     assert 29_000 < len(text.encode()) < 32_000
     card = TaskCard.from_yaml_text(text, "inline")
     assert len(card.steps) == 6 and all(len(s.instruction) >= 5000 for s in card.steps)
+
+
+PHOTO_CARD = """\
+name: Replace the fuse
+steps:
+  - title: Remove cover
+    instruction: Undo the four screws.
+    cues: {images: [photos/cover.png, wide.jpg]}
+  - title: Check fuse
+    instruction: Hold the fuse against the light.
+"""
+
+
+def png(width_px: int, height_px: int) -> bytes:
+    """A PNG of a gradient, so that its pixels tell where they came from."""
+    image = np.zeros((height_px, width_px, 3), np.uint8)
+    image[..., 2] = np.linspace(0, 255, width_px, dtype=np.uint8)
+    ok, data = cv2.imencode(".png", image)
+    assert ok
+    return data.tobytes()
+
+
+def photo_card(tmp_path: Path, photos: dict[str, bytes], text: str = PHOTO_CARD) -> Path:
+    for name, data in photos.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    return write(tmp_path, text)
+
+
+def test_a_card_s_photos_are_read_from_its_folder_and_decoded(tmp_path: Path) -> None:
+    wide = cv2.imencode(".jpg", np.full((1000, 2000, 3), 90, np.uint8))[1].tobytes()
+    card = load_task_card(photo_card(tmp_path, {"photos/cover.png": png(64, 48), "wide.jpg": wide}))
+    assert card.steps[0].cues.images == ("photos/cover.png", "wide.jpg")
+    cover, wide_photo = card.photos[0]
+    assert card.photos[1] == ()
+    assert cover.name == "photos/cover.png" and cover.image_bgr.shape == (48, 64, 3)
+    assert cover.image_bgr[0, -1, 2] == 255  # decoded as BGR, the red ramp kept
+    # A big photo is kept at the crop's size: 448 px on its long side.
+    assert wide_photo.image_bgr.shape == (224, 448, 3)
+    assert abs(int(wide_photo.image_bgr[100, 200, 0]) - 90) <= 2
+    # The same card from text, with the photos from elsewhere (as the service gets them).
+    uploaded = {"photos/cover.png": png(64, 48), "wide.jpg": wide}
+    assert TaskCard.from_yaml_text(PHOTO_CARD, "inline", uploaded.__getitem__) == card
+
+
+def test_photo_paths_must_be_relative() -> None:
+    with pytest.raises(ConfigError) as caught:
+        TaskCard.from_yaml_text(PHOTO_CARD.replace("wide.jpg", "/etc/passwd"), "c.yaml")
+    assert str(caught.value) == (
+        "c.yaml: steps.1.cues.images.2: Value error, a photo path must be relative to the card"
+    )
+
+
+@pytest.mark.parametrize(
+    ("wide", "error", "problem"),
+    [
+        (None, ConfigError, "'wide.jpg': cannot read it (No such file or directory)"),
+        (b"name: not a photo\n", ConfigError, "'wide.jpg': not an image"),
+        (png(64, 48)[:80], ConfigError, "'wide.jpg': not an image (it cannot be decoded)"),
+        (
+            png(64, 48) + b"\0" * MAX_PHOTO_BYTES,
+            CardTooLargeError,
+            f"'wide.jpg': a photo may be at most {MAX_PHOTO_BYTES} bytes",
+        ),
+        (
+            png(MAX_PHOTO_SIDE_PX + 1, 2),
+            CardTooLargeError,
+            f"'wide.jpg': {MAX_PHOTO_SIDE_PX + 1}×2 px, a photo may be at most "
+            f"{MAX_PHOTO_SIDE_PX} px on a side",
+        ),
+    ],
+    ids=["missing", "not-an-image", "truncated", "too-many-bytes", "too-many-pixels"],
+)
+def test_a_bad_photo_gives_one_line_naming_its_field(
+    tmp_path: Path, wide: bytes | None, error: type[ConfigError], problem: str
+) -> None:
+    photos = {"photos/cover.png": png(64, 48)} | ({} if wide is None else {"wide.jpg": wide})
+    path = photo_card(tmp_path, photos)
+    with pytest.raises(ConfigError) as caught:
+        load_task_card(path)
+    assert type(caught.value) is error
+    assert str(caught.value) == f"{path}: steps.1.cues.images.2 {problem}"
+
+
+def test_a_photo_that_is_a_folder_is_unreadable(tmp_path: Path) -> None:
+    path = photo_card(tmp_path, {"photos/cover.png": png(64, 48)})
+    (tmp_path / "wide.jpg").mkdir()
+    with pytest.raises(ConfigError, match=r"steps\.1\.cues\.images\.2 'wide.jpg': cannot read it"):
+        load_task_card(path)
+
+
+def test_a_card_naming_photos_needs_them() -> None:
+    with pytest.raises(ConfigError) as caught:
+        TaskCard.from_yaml_text(PHOTO_CARD, "task card")
+    assert str(caught.value) == (
+        "task card: steps.1.cues.images.1 'photos/cover.png': cannot read it "
+        "(no photos come with this card)"
+    )
+
+
+def test_a_step_may_have_at_most_eight_photos() -> None:
+    names = ", ".join(f"p{i}.png" for i in range(MAX_STEP_PHOTOS + 1))
+    text = f"name: x\nsteps:\n  - {{title: t, instruction: i, cues: {{images: [{names}]}}}}\n"
+    with pytest.raises(CardTooLargeError, match=r"^c: steps\.1\.cues\.images: Tuple should have"):
+        TaskCard.from_yaml_text(text, "c")

@@ -4,6 +4,8 @@ OpenAPI schema, and the web client (see docs/protocol.md)."""
 from __future__ import annotations
 
 import asyncio
+import errno
+from collections.abc import AsyncGenerator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -12,11 +14,13 @@ import anyio
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from gazecam.server.deps import MetricsDep, RuntimeDep, SettingsDep, TokenChecked, get_settings
 from gazecam.server.errors import ClientError, error_responses
 from gazecam.server.protocol import EventMessage
-from gazecam.tasks import TaskCard
+from gazecam.tasks import MAX_STEP_PHOTOS, MAX_STEPS, TaskCard
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -86,31 +90,96 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return bytes(body)
 
 
+_CARD_PART = "card"
+
+
 @api.post(
     "/v1/task",
     responses=_BODY_ERRORS,
     openapi_extra={
         "requestBody": {
             "required": True,
-            "description": "A task card's YAML text (UTF-8), at most GAZECAM_MAX_TASK_BYTES.",
+            "description": "A task card's YAML text (UTF-8), at most GAZECAM_MAX_TASK_BYTES; "
+            "or, as multipart/form-data, the card in the part 'card' and each photo it names "
+            "in a part named as the card names it, at most GAZECAM_MAX_TASK_UPLOAD_BYTES.",
             "content": {
-                media: {"schema": {"type": "string"}}
-                for media in ("application/yaml", "text/plain")
+                **{
+                    media: {"schema": {"type": "string"}}
+                    for media in ("application/yaml", "text/plain")
+                },
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {_CARD_PART: {"type": "string"}},
+                        "required": [_CARD_PART],
+                        "additionalProperties": {"type": "string", "format": "binary"},
+                    }
+                },
             },
         }
     },
 )
 async def load_task(request: Request, runtime: RuntimeDep, settings: SettingsDep) -> dict[str, Any]:
-    """Load a task card sent as YAML text (the body; never a path on the server)."""
-    body = await read_body(request, settings.max_task_bytes)
+    """Load a task card sent as YAML text, or with its photos as multipart/form-data (never a
+    path on the server)."""
+    photos: dict[str, bytes] = {}
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        body = await read_body(request, settings.max_task_upload_bytes)
+        body, photos = await _card_and_photos(request, body, settings.max_task_bytes)
+    else:
+        body = await read_body(request, settings.max_task_bytes)
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ClientError("bad_request", f"task card: not UTF-8 text (byte {exc.start})") from exc
-    # Parsing up to max_task_bytes of YAML takes a while: not on the event loop.
-    card = await asyncio.to_thread(TaskCard.from_yaml_text, text, "task card")
+
+    def read_photo(name: str) -> bytes:
+        if name not in photos:
+            raise FileNotFoundError(errno.ENOENT, "no uploaded part of that name")
+        return photos[name]
+
+    # Parsing up to max_task_bytes of YAML, and decoding photos, take a while: not on the loop.
+    card = await asyncio.to_thread(TaskCard.from_yaml_text, text, "task card", read_photo)
+    unnamed = sorted(set(photos) - {name for step in card.steps for name in step.cues.images})
+    if unnamed:
+        raise ClientError("bad_request", f"task card: no step names the photo {unnamed[0]!r}")
     await runtime.load_card(card)
     return {"name": card.name, "steps": len(card.steps), "step": asdict(runtime.step())}
+
+
+async def _card_and_photos(
+    request: Request, body: bytes, max_card_bytes: int
+) -> tuple[bytes, dict[str, bytes]]:
+    """The card's YAML and the photos, by part name, of a multipart/form-data ``body``."""
+
+    async def chunks() -> AsyncGenerator[bytes, None]:
+        yield body
+
+    parser = MultiPartParser(
+        request.headers,
+        chunks(),
+        max_files=MAX_STEPS * MAX_STEP_PHOTOS,
+        max_fields=1,
+        max_part_size=max_card_bytes,
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise ClientError("bad_request", f"task card upload: {exc.message}") from exc
+    parts: dict[str, bytes] = {}
+    try:
+        for name, value in form.multi_items():
+            if name in parts:
+                raise ClientError("bad_request", f"task card upload: two parts named {name!r}")
+            parts[name] = await value.read() if isinstance(value, UploadFile) else value.encode()
+    finally:
+        await form.close()
+    card = parts.pop(_CARD_PART, None)
+    if card is None:
+        raise ClientError("bad_request", f"task card upload: no part named {_CARD_PART!r}")
+    if len(card) > max_card_bytes:
+        raise ClientError("too_large", f"task card: longer than {max_card_bytes} bytes")
+    return card, parts
 
 
 @api.post(

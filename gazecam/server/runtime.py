@@ -320,7 +320,12 @@ class Runtime:
                 "regions_in_memory": len(self.assistant.memory),
                 "warning": self.engines.warning,
             },
-            "task": {"name": self.assistant.card.name, "steps": len(self.assistant.card.steps)},
+            "task": {
+                "name": self.assistant.card.name,
+                "steps": len(self.assistant.card.steps),
+                "photos": sum(map(len, self.assistant.card.photos)),
+                "warning": self.assistant.warning,
+            },
             "step": asdict(self.step()),
             "frames": asdict(pipeline.stats),
             "uptime_s": round(time.monotonic() - self.started, 3),

@@ -91,6 +91,13 @@ class ServerSettings(BaseSettings):
         description="A request body not fully received this long after the request began is "
         "refused (408) and its connection closed.",
     )
+    max_task_upload_bytes: int = Field(
+        32 << 20,
+        ge=1024,
+        le=1 << 30,
+        description="A longer task card upload with its photos (multipart/form-data) is "
+        "refused (413): a card's photos are decoded and embedded as it loads.",
+    )
     max_clients: int = Field(
         32, ge=1, description="Websocket connections at once; more are closed with code 1013."
     )

@@ -7,14 +7,19 @@ generated from a fixed seed, so a scene and its ground-truth fixations are repro
 Each frame carries a 16-bit frame code (white/black blocks along the bottom edge) so that a test
 can tell which frame it is looking at, even after video coding. (No text timecode: OCR would
 read a new line of text in every frame, which no real scene has.)
+
+``synthetic:demo-notext`` is the same scene (same canvas noise, same gaze track) with no label
+on any panel: only the drawings tell the panels apart. ``demo_photo`` renders the reference
+photo of a panel that the demo card's photo cues name (gazecam/data/demo_photos).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -188,8 +193,9 @@ _DRAW_OBJECT = {
 class DemoScene:
     """The 'demo' workbench scene; renders frame i at time t and generates its gaze track."""
 
-    def __init__(self, duration_s: float, seed: int = 7) -> None:
+    def __init__(self, duration_s: float, seed: int = 7, labels: bool = True) -> None:
         self.duration_s = duration_s
+        self.labels = labels
         self.width_px, self.height_px = FRAME_SIZE_PX
         self._rng = np.random.default_rng(seed)
         self.canvas, self.targets_world_px = self._draw_canvas()
@@ -207,16 +213,9 @@ class DemoScene:
             y0 = _MARGIN_PX + 200 + row * 480
             cv2.rectangle(canvas, (x0, y0), (x0 + 400, y0 + 300), (245, 245, 245), -1)
             cv2.rectangle(canvas, (x0, y0), (x0 + 400, y0 + 300), (40, 40, 40), 4)
-            cv2.putText(
-                canvas,
-                label,
-                (x0 + 20, y0 + 160),
-                cv2.FONT_HERSHEY_SIMPLEX,
-                1.1,
-                (20, 20, 20),
-                3,
-                cv2.LINE_AA,
-            )
+            if self.labels:
+                font = cv2.FONT_HERSHEY_SIMPLEX
+                cv2.putText(canvas, label, (x0 + 20, y0 + 160), font, 1.1, _INK, 3, _AA)
             _DRAW_OBJECT[DEMO_PANEL_OBJECTS[label]](canvas, x0, y0)
             targets.append((x0 + 200.0, y0 + 150.0))
         return canvas, targets
@@ -305,6 +304,43 @@ class DemoScene:
         )
 
 
+# A reference photo is taken as a person would, not as the glasses see the panel: closer (the
+# panel fills 98 % of its width rather than 89 % of a crop), turned by a few degrees, in other
+# light.
+DEMO_PHOTO_PX = 448
+_PHOTO_SCALE = 1.1
+_PHOTO_ANGLE_DEG = (4.0, -3.0, 5.0, -5.0, 3.0, -4.0)
+_PHOTO_GAIN = (0.85, 1.1, 0.9, 1.05, 0.8, 1.1)
+
+
+def demo_photo(step: int) -> BGRImage:
+    """The reference photo of the demo's step ``step`` (1-based): its panel, without its label.
+
+    The demo card's photos (gazecam/data/demo_photos/step{N}.jpg) are these, written by
+    ``write_demo_photos``.
+    """
+    scene = DemoScene(1.0, labels=False)
+    x, y = scene.targets_world_px[step - 1]
+    centre = (x, y + _OBJECT_BELOW_LABEL_PX / 2)  # between the label's place and the drawing
+    angle_deg = _PHOTO_ANGLE_DEG[step - 1]
+    turn = np.asarray(cv2.getRotationMatrix2D(centre, angle_deg, _PHOTO_SCALE), np.float64)
+    turn[:, 2] += np.array([DEMO_PHOTO_PX / 2, DEMO_PHOTO_PX / 2]) - centre
+    photo = cv2.warpAffine(
+        scene.canvas, turn, (DEMO_PHOTO_PX, DEMO_PHOTO_PX), flags=cv2.INTER_LINEAR
+    )
+    return np.asarray(cv2.convertScaleAbs(photo, alpha=_PHOTO_GAIN[step - 1]), np.uint8)
+
+
+def write_demo_photos(folder: Path) -> list[Path]:
+    """Write the demo card's reference photos (JPEG, quality 90) to ``folder``."""
+    paths = []
+    for step in range(1, len(DEMO_PANELS) + 1):
+        path = folder / f"step{step}.jpg"
+        cv2.imwrite(str(path), demo_photo(step), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        paths.append(path)
+    return paths
+
+
 def draw_frame_code(image: BGRImage, index: int) -> None:
     """Burn the frame index into the bottom-left corner as 16 white (1) / black (0) blocks."""
     b = FRAME_CODE_BLOCK_PX
@@ -325,7 +361,10 @@ def read_frame_code(image: BGRImage) -> int:
     return index
 
 
-SCENES = {"demo": DemoScene}
+SCENES: dict[str, Callable[[float], DemoScene]] = {
+    "demo": DemoScene,
+    "demo-notext": partial(DemoScene, labels=False),
+}
 
 
 class SyntheticSource:

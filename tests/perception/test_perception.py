@@ -21,7 +21,7 @@ from gazecam.perception import (
     resolve_providers,
     to_region,
 )
-from gazecam.records import Box, MatchedFrame, SceneFrame
+from gazecam.records import Box, MatchedFrame, Percept, SceneFrame
 from gazecam.sources.synthetic import DEMO_PANEL_OBJECTS, DEMO_PANELS, START_NS, DemoScene
 from tests.perception import iou, make_crop, require_models
 
@@ -32,9 +32,13 @@ def as_tuple(box: Box) -> tuple[float, float, float, float]:
     return (box.x0, box.y0, box.x1, box.y1)
 
 
+# OCR and the detector only: the classifier's regions are tested in test_classifier.py.
+NO_CLASSIFIER = PerceptionSettings(classifier_enabled=False)
+
+
 @pytest.fixture(scope="module")
 def perception() -> Perception:
-    return create_perception(PerceptionSettings(), require_models(*ALL_MODELS))
+    return create_perception(NO_CLASSIFIER, require_models(*ALL_MODELS))
 
 
 def test_settings_read_gazecam_variables(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -102,17 +106,23 @@ def test_backends_can_be_turned_off() -> None:
     models = require_models(*ALL_MODELS)
     crop = make_crop(np.full((448, 448, 3), 200, np.uint8), Box(0, 0, 448, 448), (224.0, 224.0))
     nothing = create_perception(
-        PerceptionSettings(ocr_enabled=False, detector_enabled=False), models
+        PerceptionSettings(ocr_enabled=False, detector_enabled=False, classifier_enabled=False),
+        models,
     )
-    assert nothing.perceive(crop) == []
+    assert nothing.perceive(crop) == Percept((), None)
+    assert nothing.perceive(crop).feature is None
     scene = DemoScene(1.0)
     x, y = (round(v) for v in scene.targets_world_px[0])
     panel = np.ascontiguousarray(scene.canvas[y - 224 : y + 224, x - 224 : x + 224])
     crop = make_crop(panel, Box(0, 0, 448, 448), (224.0, 224.0))
-    text_only = create_perception(PerceptionSettings(detector_enabled=False), models)
-    assert {r.kind for r in text_only.perceive(crop)} == {"text"}
-    objects_only = create_perception(PerceptionSettings(ocr_enabled=False), models)
-    assert [r.label for r in objects_only.perceive(crop)] == ["stop sign"]
+    text_only = create_perception(
+        NO_CLASSIFIER.model_copy(update={"detector_enabled": False}), models
+    )
+    assert {r.kind for r in text_only.perceive(crop).regions} == {"text"}
+    objects_only = create_perception(
+        NO_CLASSIFIER.model_copy(update={"ocr_enabled": False}), models
+    )
+    assert [r.label for r in objects_only.perceive(crop).regions] == ["stop sign"]
 
 
 def test_demo_panels_show_their_text_and_object(perception: Perception) -> None:
@@ -125,7 +135,7 @@ def test_demo_panels_show_their_text_and_object(perception: Perception) -> None:
         gx, gy = wx - ox, wy - oy  # the panel's target in frame pixels
         matched = MatchedFrame(frame, "ok", frame.timestamp_ns, gx, gy, 1)
         crop = crop_around_gaze(matched, image, "gaze", 448)
-        regions = perception.perceive(crop)
+        regions = perception.perceive(crop).regions
         texts = [r for r in regions if r.kind == "text"]
         objects = [r for r in regions if r.kind == "object"]
         # The label is the text nearest the gaze; the stop sign's STOP is read too.

@@ -27,9 +27,12 @@ from gazecam.perception import create_perception
 from gazecam.server.app import WS_TRANSPORT_MAX_BYTES, create_app
 from gazecam.server.settings import ServerSettings
 from gazecam.settings import SourceSettings
+from gazecam.tasks import load_task_card
+from tests.conftest import REPO
 from tests.perception import require_models
 
 DEMO_S = 20.0  # the looped synthetic demo: six steps of 3.3 s
+DEMO_CARD = REPO / "gazecam" / "data" / "demo_task.yaml"
 TOKEN = "t0ken-for-the-tests-0123456789"
 # Without a token only loopback host names are served (TestClient's own is "testserver").
 LOCAL = "http://127.0.0.1"
@@ -39,7 +42,7 @@ WS = "ws://127.0.0.1"
 @pytest.fixture(scope="session")
 def engines(real_dir: Path) -> Engines:
     """Perception and SmolLM2, loaded once for every app of the session."""
-    models = require_models("ppocr-det", "ppocr-rec", "yolox-nano")
+    models = require_models("ppocr-det", "ppocr-rec", "yolox-nano", "efficientnet-lite0")
     return Engines(
         create_perception(models=models), LanguageModel(LLMSettings(llm_model_dir=real_dir))
     )
@@ -59,6 +62,14 @@ def make_app(engines: Engines) -> Callable[..., FastAPI]:
         )
 
     return make
+
+
+def card_upload(card: Path) -> dict[str, tuple[str, bytes]]:
+    """A card file and the photos it names as POST /v1/task's multipart parts (httpx files=)."""
+    parts = {"card": (card.name, card.read_bytes())}
+    for step in load_task_card(card).steps:
+        parts |= {name: (name, (card.parent / name).read_bytes()) for name in step.cues.images}
+    return parts
 
 
 def wait_for(condition: Callable[[], Any], timeout_s: float = 15.0, what: str = "it") -> Any:

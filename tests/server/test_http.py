@@ -13,8 +13,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from tests.conftest import REPO
-from tests.server.conftest import LOCAL, WS, first_crop, wait_for
+from tests.server.conftest import DEMO_CARD, LOCAL, WS, card_upload, first_crop, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +42,12 @@ def test_status_says_what_is_served_and_counts_frames(client: TestClient) -> Non
         "last_error": None,
     }
     assert status["model"]["language_model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert status["task"] == {"name": "Reset the control box", "steps": 6}
+    assert status["task"] == {
+        "name": "Reset the control box",
+        "steps": 6,
+        "photos": 6,
+        "warning": None,
+    }
     assert status["step"]["total"] == 6 and 1 <= status["step"]["index"] <= 6
     frames = status["frames"]
     assert frames["frames_in"] >= frames["frames_processed"] - 1 > 0
@@ -129,11 +133,11 @@ def test_a_task_card_is_loaded_from_yaml_text(client: TestClient) -> None:
     assert response.status_code == 200
     assert response.json()["name"] == "Brew tea" and response.json()["steps"] == 2
     status = client.get("/v1/status").json()
-    assert status["task"] == {"name": "Brew tea", "steps": 2}
+    assert status["task"] == {"name": "Brew tea", "steps": 2, "photos": 0, "warning": None}
     assert status["step"]["total"] == 2
     # The demo card again, for the tests that follow.
-    demo = (REPO / "gazecam" / "data" / "demo_task.yaml").read_text()
-    assert client.post("/v1/task", content=demo).json()["name"] == "Reset the control box"
+    demo = card_upload(DEMO_CARD)
+    assert client.post("/v1/task", files=demo).json()["name"] == "Reset the control box"
 
 
 @pytest.mark.parametrize(

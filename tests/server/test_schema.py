@@ -92,8 +92,11 @@ def test_routes_without_the_token_are_refused(case: Any, served: str) -> None:
 def test_the_schema_holds_the_request_bodies(openapi: Any) -> None:
     paths = openapi.raw_schema["paths"]
     task = paths["/v1/task"]["post"]["requestBody"]
-    assert task["required"] and set(task["content"]) == {"application/yaml", "text/plain"}
+    media = {"application/yaml", "text/plain", "multipart/form-data"}
+    assert task["required"] and set(task["content"]) == media
     assert task["content"]["text/plain"]["schema"] == {"type": "string"}
+    upload = task["content"]["multipart/form-data"]["schema"]
+    assert upload["required"] == ["card"] and upload["additionalProperties"]["format"] == "binary"
     event = paths["/v1/events"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert event["properties"]["name"]["maxLength"] == 100
     assert event["required"] == ["name"] and event["additionalProperties"] is False

@@ -13,11 +13,8 @@ from fastapi.testclient import TestClient
 from gazecam.assistant import AssistantSettings
 from gazecam.server.runtime import Runtime
 from gazecam.tasks import MAX_STEPS
-from tests.conftest import REPO
-from tests.server.conftest import LOCAL, WS, first_crop
+from tests.server.conftest import DEMO_CARD, LOCAL, WS, card_upload, first_crop
 from tests.test_tasks import long_card_yaml
-
-DEMO = (REPO / "gazecam" / "data" / "demo_task.yaml").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +30,7 @@ def runtime(client: TestClient) -> Iterator[Runtime]:
     runtime = client.app.state.runtime  # type: ignore[attr-defined]
     assert isinstance(runtime, Runtime)
     yield runtime
-    assert client.post("/v1/task", content=DEMO).status_code == 200
+    assert client.post("/v1/task", files=card_upload(DEMO_CARD)).status_code == 200
 
 
 def ask(client: TestClient, question: str) -> dict[str, object]:

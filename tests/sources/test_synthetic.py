@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -11,8 +12,15 @@ from gazecam.errors import ConfigError
 from gazecam.records import GazeSample, SceneFrame
 from gazecam.settings import SourceSettings
 from gazecam.sources import open_source
-from gazecam.sources.synthetic import START_NS, DemoScene, read_frame_code
+from gazecam.sources.synthetic import (
+    START_NS,
+    DemoScene,
+    SyntheticSource,
+    demo_photo,
+    read_frame_code,
+)
 from gazecam.video import VideoWriter, decode_frames
+from tests.conftest import REPO
 
 
 async def test_info_rates_and_order() -> None:
@@ -52,6 +60,31 @@ def test_frame_codes_survive_video_coding(tmp_path: Path) -> None:
 
 def test_unknown_scene_is_refused() -> None:
     with pytest.raises(
-        ConfigError, match=r"synthetic:kitchen: unknown synthetic scene \(known: demo\)"
+        ConfigError,
+        match=r"synthetic:kitchen: unknown synthetic scene \(known: demo, demo-notext\)",
     ):
         open_source("synthetic:kitchen")
+
+
+def test_the_textless_scene_differs_from_the_demo_only_in_its_labels() -> None:
+    demo, textless = DemoScene(10.0), DemoScene(10.0, labels=False)
+    assert textless.gaze_track().fixations == demo.gaze_track().fixations
+    differ = np.any(demo.canvas != textless.canvas, axis=-1)
+    ys, xs = np.nonzero(differ)
+    # Every differing pixel lies in a label's line: 20-380 px right of a panel's left edge and
+    # 125-170 px below its top (its target is (200, 150) into the panel).
+    near = np.zeros(differ.shape, np.bool_)
+    for x, y in demo.targets_world_px:
+        near[int(y) - 25 : int(y) + 20, int(x) - 180 : int(x) + 180] = True
+    assert differ.sum() > 6 * 3000 and near[ys, xs].all()
+    source = open_source("synthetic:demo-notext", SourceSettings(synthetic_duration_s=1.0))
+    assert isinstance(source, SyntheticSource) and not source.scene.labels
+
+
+def test_the_demo_photos_are_what_the_scene_renders() -> None:
+    for step in range(1, 7):
+        committed = cv2.imread(str(REPO / "gazecam" / "data" / "demo_photos" / f"step{step}.jpg"))
+        rendered = demo_photo(step)
+        assert committed.shape == rendered.shape == (448, 448, 3)
+        # JPEG at quality 90 moves pixels by a few levels, never the picture.
+        assert np.abs(committed.astype(int) - rendered).mean() < 3
