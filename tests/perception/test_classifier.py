@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from engines.efficientnet_onnx import BN_EPS, INPUT_MEAN, INPUT_STD, STAGES, read_state_dict
+from gazecam.cli import main
 from gazecam.crop import make_crop as crop_around_gaze
 from gazecam.models import MODELS, ModelError, ModelSettings, fetch
 from gazecam.perception import PerceptionSettings, create_perception
@@ -272,3 +273,25 @@ def test_a_checkpoint_with_the_wrong_checksum_is_refused(
     ):
         fetch(PTH.name, ModelSettings(models_dir=cache))
     assert list(cache.iterdir()) == []
+
+
+def test_models_fetch_converts_once_and_list_shows_it(
+    tmp_path: Path,
+    models: ModelSettings,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cache = tmp_path / "cache"
+    (cache / PTH.name).mkdir(parents=True)
+    (cache / PTH.name / PTH.filename).symlink_to(checkpoint_path(models))
+    monkeypatch.setenv("GAZECAM_MODELS_DIR", str(cache))
+    assert main(["models", "fetch", "efficientnet-lite0"]) == 0
+    out, err = capsys.readouterr()
+    converted = cache / CONVERTED_NAME / "model.onnx"
+    assert out == f"efficientnet-lite0: {cache / PTH.name / PTH.filename} -> {converted}\n"
+    assert err == f"converting {PTH.filename} to ONNX\n"  # one line off a terminal
+    assert main(["models", "fetch", "efficientnet-lite0"]) == 0
+    assert capsys.readouterr().err == ""  # converted already: nothing done again
+    assert main(["models", "list"]) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith(PTH.name)]
+    assert "Apache-2.0" in line and str(cache / PTH.name / PTH.filename) in line
