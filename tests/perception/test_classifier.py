@@ -341,3 +341,22 @@ def test_a_tensor_outside_its_storage_is_refused(tmp_path: Path) -> None:
         f.write((4).to_bytes(8, "little") + np.zeros(4, np.float32).tobytes())
     with pytest.raises(ModelError, match=rf"^{path}: .*a tensor reaches outside its storage"):
         read_state_dict(path)
+
+
+def test_a_converted_folder_without_its_normalisation_is_refused(
+    tmp_path: Path, models: ModelSettings
+) -> None:
+    folder = tmp_path / CONVERTED_NAME
+    folder.mkdir()
+    (folder / "model.onnx").symlink_to(converted_model(models))
+    (folder / "config.json").write_text(json.dumps({"format_version": 1}))
+    settings = ModelSettings(models_dir=tmp_path / "cache", model_path=[tmp_path])
+    assert converted_model(settings) == folder / "model.onnx"  # a GAZECAM_MODEL_PATH copy
+    with pytest.raises(ModelError, match=rf"^{folder / 'config.json'}: no readable input_mean"):
+        ImageClassifier(PerceptionSettings(), settings)
+
+
+def test_embed_takes_only_bgr_images(classifier: ImageClassifier) -> None:
+    for bad in (np.zeros((0, 10, 3), np.uint8), np.zeros((8, 8), np.uint8), np.zeros((8, 8, 3))):
+        with pytest.raises(ValueError, match="not a BGR uint8 image"):
+            classifier.embed(bad)  # type: ignore[arg-type]
