@@ -51,13 +51,13 @@ TORCH_PROTOCOL = 1001
 F32 = NDArray[np.float32]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Storage:
     """A torch storage named by the pickle; its bytes follow the pickles in the file."""
 
     dtype: np.dtype[Any]
     numel: int
-    data: list[NDArray[Any]]  # filled once the bytes are read
+    data: NDArray[Any] | None = None  # set once its bytes are read
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +70,19 @@ class _Tensor:
     stride: tuple[int, ...]
 
     def array(self) -> NDArray[Any]:
-        flat = self.storage.data[0]
+        """The tensor's values (a copy), checked to lie inside its storage."""
+        flat = self.storage.data
+        if flat is None:
+            raise pickle.UnpicklingError("a tensor's storage has no data")
+        if len(self.shape) != len(self.stride):
+            raise pickle.UnpicklingError("a tensor whose size and stride disagree")
+        if self.offset < 0 or min(self.shape, default=1) < 0 or min(self.stride, default=0) < 0:
+            raise pickle.UnpicklingError("a tensor with a negative offset, size or stride")
+        # The last element a view reaches must lie inside the storage: as_strided would read
+        # whatever memory follows it otherwise.
+        last = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride, strict=True))
+        if 0 not in self.shape and last >= flat.size:
+            raise pickle.UnpicklingError("a tensor reaches outside its storage")
         itemsize = flat.itemsize
         view = np.lib.stride_tricks.as_strided(
             flat[self.offset :],
@@ -114,7 +126,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         dtype, key, numel = pid[1], str(pid[2]), int(pid[4])
         if not isinstance(dtype, np.dtype) or (len(pid) > 5 and pid[5] is not None):
             raise pickle.UnpicklingError(f"storage {key}: an unsupported type or a view")
-        return self.storages.setdefault(key, _Storage(dtype, numel, []))
+        return self.storages.setdefault(key, _Storage(dtype, numel))
 
 
 def read_state_dict(path: Path) -> dict[str, NDArray[Any]]:
@@ -141,10 +153,18 @@ def read_state_dict(path: Path) -> dict[str, NDArray[Any]]:
                 data = np.frombuffer(f.read(numel * storage.dtype.itemsize), storage.dtype)
                 if numel != storage.numel or data.size != numel:
                     raise pickle.UnpicklingError(f"storage {key} is truncated")
-                storage.data.append(data)
+                storage.data = data
             return {str(k): v.array() for k, v in state.items() if isinstance(v, _Tensor)}
     # What a corrupt pickle raises varies (UnpicklingError, EOFError, ValueError, KeyError, ...).
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError, KeyError, IndexError) as exc:
+    except (
+        OSError,
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+    ) as exc:
         raise ModelError(f"{path}: not a readable EfficientNet checkpoint ({exc})") from exc
 
 

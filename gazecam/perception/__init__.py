@@ -67,7 +67,7 @@ class PerceptionSettings(BaseSettings):
         ge=0,
         le=8,
         description="How many detections, nearest the gaze first, the classifier also names "
-        "(the area around each, in one batch with the crop): each adds about 10 ms per keyframe "
+        "(the area around each, in one batch with the crop): each adds 8-15 ms per keyframe "
         "on 2 CPU cores.",
     )
     nms_iou: float = Field(

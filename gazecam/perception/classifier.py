@@ -96,8 +96,13 @@ class ImageClassifier:
     ) -> None:
         self.settings = settings or PerceptionSettings()
         path = converted_model(models)
-        config = json.loads((path.parent / "config.json").read_text())
-        self.mean, self.std = float(config["input_mean"]), float(config["input_std"])
+        try:
+            config = json.loads((path.parent / "config.json").read_text())
+            self.mean, self.std = float(config["input_mean"]), float(config["input_std"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelError(
+                f"{path.parent / 'config.json'}: no readable input_mean/input_std"
+            ) from exc
         self.session: Any = onnx_session(path, self.settings)
         self.names = class_names()
 
@@ -122,7 +127,8 @@ class ImageClassifier:
         return probs.astype(np.float32), (feature / np.maximum(norms, 1e-12)).astype(np.float32)
 
     def embed(self, image_bgr: NDArray[np.uint8]) -> NDArray[np.float32]:
-        """The L2-normalised pooled feature [1280] of any BGR image (resized to 224)."""
+        """The L2-normalised pooled feature [1280] of a BGR uint8 image of any size (resized to
+        224); ValueError for an array that is no such image."""
         feature: NDArray[np.float32] = self.run([image_bgr])[1][0]
         return feature
 

@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from engines.efficientnet_onnx import BN_EPS, INPUT_MEAN, INPUT_STD, STAGES, read_state_dict
+from gazecam.cli import main
 from gazecam.crop import make_crop as crop_around_gaze
 from gazecam.models import MODELS, ModelError, ModelSettings, fetch
 from gazecam.perception import PerceptionSettings, create_perception
@@ -272,3 +274,89 @@ def test_a_checkpoint_with_the_wrong_checksum_is_refused(
     ):
         fetch(PTH.name, ModelSettings(models_dir=cache))
     assert list(cache.iterdir()) == []
+
+
+def test_models_fetch_converts_once_and_list_shows_it(
+    tmp_path: Path,
+    models: ModelSettings,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cache = tmp_path / "cache"
+    (cache / PTH.name).mkdir(parents=True)
+    (cache / PTH.name / PTH.filename).symlink_to(checkpoint_path(models))
+    monkeypatch.setenv("GAZECAM_MODELS_DIR", str(cache))
+    assert main(["models", "fetch", "efficientnet-lite0"]) == 0
+    out, err = capsys.readouterr()
+    converted = cache / CONVERTED_NAME / "model.onnx"
+    assert out == f"efficientnet-lite0: {cache / PTH.name / PTH.filename} -> {converted}\n"
+    assert err == f"converting {PTH.filename} to ONNX\n"  # one line off a terminal
+    assert main(["models", "fetch", "efficientnet-lite0"]) == 0
+    assert capsys.readouterr().err == ""  # converted already: nothing done again
+    assert main(["models", "list"]) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith(PTH.name)]
+    assert "Apache-2.0" in line and str(cache / PTH.name / PTH.filename) in line
+
+
+def test_views_into_shared_storages_read_as_torch_wrote_them(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    base = torch.arange(24, dtype=torch.float32)
+    state = {
+        "slice": base[5:11],  # an offset into a storage another tensor shares
+        "transposed": base.view(4, 6).t(),  # strides (1, 6)
+        "scalar": torch.tensor(7, dtype=torch.int64),
+        "empty": torch.zeros(0, 3),
+    }
+    path = tmp_path / "views.pth"
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    ours = read_state_dict(path)
+    for name, tensor in state.items():
+        assert ours[name].shape == tuple(tensor.shape) and np.array_equal(ours[name], tensor)
+
+
+def test_a_tensor_outside_its_storage_is_refused(tmp_path: Path) -> None:
+    """A pickle naming a view past its storage's end: refused, never read from memory beyond."""
+    torch = pytest.importorskip("torch")
+    from torch._utils import _rebuild_tensor_v2
+
+    class Storage:  # pickled as the persistent id of a 4-element float storage
+        pass
+
+    class Tensor:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (_rebuild_tensor_v2, (Storage(), 2, (8,), (1,), False, OrderedDict()))
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj: Any) -> Any:
+            return (
+                ("storage", torch.FloatStorage, "0", "cpu", 4) if isinstance(obj, Storage) else None
+            )
+
+    path = tmp_path / "oob.pth"
+    with path.open("wb") as f:
+        for part in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}):
+            pickle.dump(part, f, protocol=2)
+        Pickler(f, protocol=2).dump(OrderedDict(w=Tensor()))
+        pickle.dump(["0"], f, protocol=2)
+        f.write((4).to_bytes(8, "little") + np.zeros(4, np.float32).tobytes())
+    with pytest.raises(ModelError, match=rf"^{path}: .*a tensor reaches outside its storage"):
+        read_state_dict(path)
+
+
+def test_a_converted_folder_without_its_normalisation_is_refused(
+    tmp_path: Path, models: ModelSettings
+) -> None:
+    folder = tmp_path / CONVERTED_NAME
+    folder.mkdir()
+    (folder / "model.onnx").symlink_to(converted_model(models))
+    (folder / "config.json").write_text(json.dumps({"format_version": 1}))
+    settings = ModelSettings(models_dir=tmp_path / "cache", model_path=[tmp_path])
+    assert converted_model(settings) == folder / "model.onnx"  # a GAZECAM_MODEL_PATH copy
+    with pytest.raises(ModelError, match=rf"^{folder / 'config.json'}: no readable input_mean"):
+        ImageClassifier(PerceptionSettings(), settings)
+
+
+def test_embed_takes_only_bgr_images(classifier: ImageClassifier) -> None:
+    for bad in (np.zeros((0, 10, 3), np.uint8), np.zeros((8, 8), np.uint8), np.zeros((8, 8, 3))):
+        with pytest.raises(ValueError, match="not a BGR uint8 image"):
+            classifier.embed(bad)  # type: ignore[arg-type]
