@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -47,6 +47,9 @@ from gazecam.records import Crop, Region, SourceEvent
 from gazecam.steps import StepEstimate, StepSettings, StepTracker
 from gazecam.tasks import CardTooLargeError, TaskCard, load_task_card
 
+if TYPE_CHECKING:
+    from gazecam.llm.remote import RemoteModel
+
 ASSISTANT_MODELS = ("ppocr-det", "ppocr-rec", "yolox-nano", "smollm2-135m-gguf")
 logger = logging.getLogger(__name__)
 BUNDLED_TASKS = {"demo": Path(__file__).parent / "data" / "demo_task.yaml"}
@@ -63,7 +66,8 @@ class Engines:
     ``gazecam bench``, reuses them)."""
 
     perception: Perception
-    model: LanguageModel  # the text engine, or VisionLanguageModel (a subclass)
+    # The text engine, VisionLanguageModel (a subclass), or RemoteModel (its fallback: text).
+    model: LanguageModel | RemoteModel
     warning: str | None = None  # why the vlm engine is not the one answering, where it is not
 
 
@@ -91,6 +95,10 @@ def load_engines(
     perception = create_perception(PerceptionSettings(), models)
     if llm.engine == "text":
         return Engines(perception, LanguageModel(llm, models))
+    if llm.engine == "remote":
+        from gazecam.llm.remote import RemoteModel
+
+        return Engines(perception, RemoteModel(LanguageModel(llm, models)))
     try:
         from gazecam.vlm.engine import VisionLanguageModel
         from gazecam.vlm.install import vlm_checkpoint
@@ -189,7 +197,7 @@ class Answer:
         """The JSON object of ``gazecam ask --json`` and the server's answer frame."""
         return {
             "text": self.text,
-            "engine": asdict(self.engine),
+            "engine": self.engine.to_json(),
             "step": asdict(self.step),
             "timings": asdict(self.timings),
             "crop": crop_json(self.crop),
