@@ -153,7 +153,7 @@ def run(
 
     def wearer(i: int, n: int) -> Wearer:
         start = i * len(crops) // n  # each wearer somewhere else in the procedure
-        model = RemoteModel(local, fallback=False)
+        model = RemoteModel(local, llm, fallback=False)
         return Wearer(Assistant(card, perception, model), crops[start:] + crops[:start], asks)
 
     runs: dict[str, Any] = {}

@@ -34,6 +34,7 @@ import cv2
 
 from gazecam.errors import GazecamError, MissingDependencyError
 from gazecam.llm.decoder import EngineInfo, GenerationStats, LanguageModel
+from gazecam.llm.settings import LLMSettings
 from gazecam.llm.tokenizer import Prompt
 from gazecam.memory import MemoryRegion, MemorySettings
 from gazecam.records import BGRImage, Crop
@@ -120,17 +121,23 @@ def data_url(image: BGRImage) -> str:
 class RemoteModel:
     """The decoder role (``gazecam.assistant.Model``) answered by an OpenAI-compatible server.
 
+    ``settings``: the remote engine's (``GAZECAM_REMOTE_*``); unset: ``local``'s.
     ``local``: the text engine, for counting tokens (the prompt's bounds are the local
     model's) and, with ``GAZECAM_REMOTE_FALLBACK``, for answering when the server does not.
     Without fallback ``local`` is only read, so one can serve many RemoteModels.
     """
 
-    def __init__(self, local: LanguageModel, fallback: bool | None = None) -> None:
+    def __init__(
+        self,
+        local: LanguageModel,
+        settings: LLMSettings | None = None,
+        fallback: bool | None = None,
+    ) -> None:
         try:
             from openai import OpenAI
         except ImportError as exc:
             raise MissingDependencyError("openai", "remote", "the remote engine") from exc
-        s = local.settings
+        s = settings or local.settings
         assert s.remote_url is not None  # LLMSettings refuses the remote engine without it
         self.settings, self.local = s, local
         self.fallback = s.remote_fallback if fallback is None else fallback
@@ -398,7 +405,10 @@ def _error(exc: Exception) -> RemoteError:
     import openai
 
     if isinstance(exc, openai.APIStatusError):
-        lines = str(exc.message or exc).strip().splitlines() or [type(exc).__name__]
+        # The server's own message ({"error": {"message": ...}}), else the SDK's summary.
+        body = exc.body.get("error", exc.body) if isinstance(exc.body, dict) else None
+        said = body.get("message") if isinstance(body, dict) else None
+        lines = str(said or exc.message or exc).strip().splitlines() or [type(exc).__name__]
         return RemoteStatusError(exc.status_code, lines[0][:200])
     if isinstance(exc, openai.APITimeoutError):
         return RemoteError("timed out")
