@@ -184,6 +184,8 @@ def run(
             + ("-" if not ttft else f"{runs[str(n)]['ttft_ms']['p50']:.0f}/"
                f"{runs[str(n)]['ttft_ms']['p99']:.0f} ms")
         )  # fmt: skip
+        for reason in runs[str(n)]["lost_reasons"]:
+            print(f"    lost: {reason}")
     base = runs[str(clients[0])]["answers_per_s"]
     report = {
         "server": engines.model.url,

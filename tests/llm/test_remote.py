@@ -17,6 +17,7 @@ from gazecam.bench_remote import RecordedPerception, keyframes
 from gazecam.cli import main
 from gazecam.llm.remote import THUMBNAIL_PX, RemoteError, RemoteModel
 from gazecam.llm.settings import LLMSettings
+from gazecam.models import ModelSettings
 from gazecam.records import Crop
 from tests.llm.remote_server import SERVED_MODEL, FaultProxy, free_port
 
@@ -265,3 +266,18 @@ def test_the_service_streams_remote_answers_and_marks_fallbacks(
     assert remote["text"].startswith(f"You are on step {remote['step']['index']} of 6")
     assert fallen["engine"]["engine"] == "text"
     assert fallen["engine"]["fallback"] == f"remote: {proxy.url}: HTTP 500: injected 500"
+
+
+def test_the_multi_wearer_bench_loses_no_answer(llama: str, tmp_path: Path):
+    from gazecam.bench_remote import run
+
+    llm = LLMSettings(engine="remote", remote_url=llama, remote_images="off")
+    report = run("synthetic:demo", "demo", [1, 2], 1, tmp_path / "r.json", llm, ModelSettings())
+    assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(report))
+    assert [(r["answers"], r["lost"]) for r in report["clients"].values()] == [(1, 0), (2, 0)]
+    assert all(
+        r["answers_per_s"] > 0 and r["ttft_ms"]["p50"] > 0 for r in report["clients"].values()
+    )
+    assert report["model"] == SERVED_MODEL  # the first (only) model the server lists
+    overhead = report["overhead"]
+    assert overhead["direct_ttft_ms"]["p50"] > 0 and isinstance(overhead["overhead_pct"], float)
