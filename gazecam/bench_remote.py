@@ -10,8 +10,8 @@ that got no remote answer: there is no fallback here, and the first-token budget
 request timeout, so that a busy server shows up as latency, not as fallbacks).
 
 The remote engine's overhead: with one wearer, each ask's request is sent again straight to
-the server (the same body, one streaming HTTP request, the first content chunk timed), in
-alternating order, since the server may reuse the previous request's prompt prefix.
+the server (the same body, one streaming HTTP request, the first content chunk timed), each
+timed request after the same predecessor (see ``overhead``).
 """
 
 from __future__ import annotations
@@ -104,21 +104,28 @@ def direct_ttft_ms(model: RemoteModel, body: dict[str, Any]) -> float:
 
 
 def overhead(wearer: Wearer, asks: int) -> dict[str, Any]:
-    """The remote engine's TTFT against a direct request with the same body, per ask."""
+    """The remote engine's TTFT against a direct request with the same body, per ask.
+
+    A server may reuse the previous request's prompt prefix (llama-cpp-python's server keeps
+    one), so each timed request, remote or direct, follows the previous ask's body: after
+    each ask the previous body is sent again (untimed), then the ask's own body (timed).
+    """
     model = wearer.assistant.model
     assert isinstance(model, RemoteModel)
     for crop in wearer.keyframes[: len(wearer.keyframes) // 2]:
         wearer.assistant.observe_keyframe(crop)
     remote: list[float] = []
     direct: list[float] = []
-    for i in range(asks):
-        first_direct = i % 2 == 1 and model.last_body is not None
-        if first_direct and model.last_body is not None:
-            direct.append(direct_ttft_ms(model, model.last_body))
+    previous: dict[str, Any] | None = None
+    for i in range(asks + 1):  # the first ask only sets ``previous``
         answer = [a for a in wearer.assistant.ask(QUESTIONS[i % 4]) if isinstance(a, Answer)]
-        remote.append(answer[0].timings.ttft_ms)
-        if not first_direct and model.last_body is not None:
-            direct.append(direct_ttft_ms(model, model.last_body))
+        body = model.last_body
+        assert body is not None
+        if previous is not None:
+            remote.append(answer[0].timings.ttft_ms)
+            direct_ttft_ms(model, previous)
+            direct.append(direct_ttft_ms(model, body))
+        previous = body
     remote_ms, direct_ms = statistics.median(remote), statistics.median(direct)
     return {
         "remote_ttft_ms": percentiles(remote),
