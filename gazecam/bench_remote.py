@@ -196,7 +196,7 @@ def run(
     base = runs[str(clients[0])]["answers_per_s"]
     report = {
         "server": engines.model.url,
-        "model": engines.model.info.model,
+        "model": engines.model.served_model(),
         "images": engines.model.settings.remote_images,
         "asks_per_wearer": asks,
         "keyframes": len(crops),

@@ -253,7 +253,7 @@ class RemoteModel:
                 item = replace(item, ttft_ms=item.ttft_ms + offset_ms)
             yield item
 
-    def _model(self) -> str:
+    def served_model(self) -> str:
         """The model to ask for: the setting, or the first the server lists (asked once)."""
         if self.model_name is None:
             import openai
@@ -277,7 +277,7 @@ class RemoteModel:
         started = time.perf_counter()
         images = self.images and self._crop is not None
         body = {
-            "model": self._model(),
+            "model": self.served_model(),
             "messages": self.messages(question, prefix, images),
             "max_tokens": max_tokens or s.llm_max_tokens,
             "temperature": s.llm_temperature,

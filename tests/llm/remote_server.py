@@ -40,7 +40,8 @@ def llama_server(gguf: Path) -> Iterator[str]:
     command = [
         *(sys.executable, "-m", "llama_cpp.server", "--model", str(gguf)),
         *("--model_alias", SERVED_MODEL, "--host", "127.0.0.1", "--port", str(port)),
-        *("--n_ctx", "2048", "--verbose", "false"),
+        # By default a new request cuts the one streaming: wearers asking at once lose answers.
+        *("--n_ctx", "2048", "--verbose", "false", "--interrupt_requests", "false"),
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}/v1"
