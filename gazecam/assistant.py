@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -53,6 +53,9 @@ from gazecam.records import Crop, Region, SourceEvent
 from gazecam.steps import StepEstimate, StepSettings, StepTracker
 from gazecam.tasks import CardTooLargeError, TaskCard, load_task_card
 
+if TYPE_CHECKING:
+    from gazecam.llm.remote import RemoteModel
+
 ASSISTANT_MODELS = (
     "ppocr-det",
     "ppocr-rec",
@@ -75,7 +78,8 @@ class Engines:
     ``gazecam bench``, reuses them)."""
 
     perception: Perception
-    model: LanguageModel  # the text engine, or VisionLanguageModel (a subclass)
+    # The text engine, VisionLanguageModel (a subclass), or RemoteModel (its fallback: text).
+    model: LanguageModel | RemoteModel
     warning: str | None = None  # why the vlm engine is not the one answering, where it is not
 
 
@@ -103,6 +107,10 @@ def load_engines(
     perception = create_perception(PerceptionSettings(), models)
     if llm.engine == "text":
         return Engines(perception, LanguageModel(llm, models))
+    if llm.engine == "remote":
+        from gazecam.llm.remote import RemoteModel
+
+        return Engines(perception, RemoteModel(LanguageModel(llm, models)))
     try:
         from gazecam.vlm.engine import VisionLanguageModel
         from gazecam.vlm.install import vlm_checkpoint
@@ -208,7 +216,7 @@ class Answer:
             "text": self.text,
             "intent": self.intent,
             "sources": list(self.sources),
-            "engine": asdict(self.engine),
+            "engine": self.engine.to_json(),
             "step": asdict(self.step),
             "timings": asdict(self.timings),
             "crop": crop_json(self.crop),

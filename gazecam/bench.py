@@ -26,7 +26,7 @@ import copy
 import resource
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -37,7 +37,15 @@ from tqdm import tqdm
 from gazecam.capture import Capture, FrameResult
 from gazecam.crop import make_crop
 from gazecam.errors import ConfigError
-from gazecam.llm.settings import ENGINE_HELP, VLM_HELP, EngineName, LLMSettings, engine_settings
+from gazecam.llm.settings import (
+    ENGINE_HELP,
+    REMOTE_MODEL_HELP,
+    REMOTE_URL_HELP,
+    VLM_HELP,
+    EngineName,
+    LLMSettings,
+    engine_settings,
+)
 from gazecam.models import ModelSettings
 from gazecam.records import CropMode, MatchedFrame, SourceEvent
 from gazecam.settings import CaptureSettings, Pace, SourceSettings
@@ -84,6 +92,13 @@ class BenchCommand(BaseModel):
         None, description=f"{ENGINE_HELP} vlm's stages include the vision encoder."
     )
     vlm: Path | None = Field(None, description=VLM_HELP)
+    remote_url: str | None = Field(None, description=REMOTE_URL_HELP)
+    remote_model: str | None = Field(None, description=REMOTE_MODEL_HELP)
+    clients: list[int] = Field(
+        [1, 2, 4, 8, 16],
+        description="The remote engine: simulated wearers asking at once, one run per count "
+        "(comma-separated).",
+    )
     check: Path | None = Field(
         None, description="Fail (exit 1) where a ratio between modes regressed from this baseline."
     )
@@ -109,7 +124,12 @@ class BenchCommand(BaseModel):
             baseline = bench_report.load_baseline(self.check)
             bench_report.require_modes(baseline, self.modes, self.check)
         schedule = self.at or self.asks
-        llm, models = engine_settings(self.engine, self.vlm)
+        llm, models = engine_settings(self.engine, self.vlm, self.remote_url, self.remote_model)
+        if llm.engine == "remote":
+            from gazecam import bench_remote
+
+            bench_remote.run(self.source, self.task, self.clients, self.asks, self.out, llm, models)
+            return
         run = asyncio.run(
             run_bench(self.source, self.task, self.modes, schedule, self.pace, llm, models)
         )
@@ -325,11 +345,14 @@ async def run_bench(
     """
     from gazecam import bench_report
     from gazecam.assistant import Assistant, load_engines, load_task
+    from gazecam.llm.remote import RemoteModel
 
     started = time.perf_counter()
     card = load_task(task)
     engines = load_engines(llm, models)
     perception, lm = engines.perception, engines.model
+    if isinstance(lm, RemoteModel):
+        raise ConfigError("bench: the remote engine has its own bench (gazecam.bench_remote)")
     runs = []
     for mode in modes:
         crop_mode, dense = MODE_SPECS[mode]
@@ -373,7 +396,7 @@ async def run_bench(
         "frames_dropped": source.stats.frames_dropped,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "top_k_regions": lm.settings.llm_top_k_regions,
-        "engine": asdict(lm.info),
+        "engine": lm.info.to_json(),
         "wall_s": round(time.perf_counter() - started, 1),
     }
     report["machine"] = bench_report.machine_info(lm)

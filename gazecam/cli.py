@@ -26,6 +26,8 @@ from gazecam.errors import ConfigError, GazecamError
 from gazecam.export import CropWriter
 from gazecam.llm.settings import (
     ENGINE_HELP,
+    REMOTE_MODEL_HELP,
+    REMOTE_URL_HELP,
     VLM_HELP,
     EngineName,
     LLMSettings,
@@ -223,6 +225,8 @@ class AskCommand(BaseModel):
     )
     engine: EngineName | None = Field(None, description=ENGINE_HELP)
     vlm: Path | None = Field(None, description=VLM_HELP)
+    remote_url: str | None = Field(None, description=REMOTE_URL_HELP)
+    remote_model: str | None = Field(None, description=REMOTE_MODEL_HELP)
 
     def cli_cmd(self) -> None:
         """Run the command."""
@@ -231,7 +235,7 @@ class AskCommand(BaseModel):
 
         check_address(self.source)  # before the models load
         _show_warnings()
-        engines = engine_settings(self.engine, self.vlm)
+        engines = engine_settings(self.engine, self.vlm, self.remote_url, self.remote_model)
         assistant = asyncio.run(prepare_assistant(self.source, self.task, self.at, *engines))
         conversation = Conversation()
         for question in self.questions:

@@ -35,7 +35,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -95,9 +95,18 @@ class GenerationStats:
 class EngineInfo:
     """Which engine and weights answer: what answers and ``/v1/status`` report."""
 
-    engine: Literal["text", "vlm"]
+    engine: Literal["text", "vlm", "remote"]
     model: str  # the checkpoint's name, e.g. smollm2-135m-gguf or random-smolvlm-256m
     random_weights: bool  # a random-weight checkpoint (tests, latency figures): no answers
+    # Why the remote engine did not answer and this (local) one did: "remote: <reason>".
+    fallback: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """What answers and ``/v1/status`` show: the fields, ``fallback`` only where set."""
+        shown = asdict(self)
+        if self.fallback is None:
+            del shown["fallback"]
+        return shown
 
 
 @dataclass(frozen=True, slots=True)

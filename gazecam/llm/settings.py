@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+from ipaddress import ip_address
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import AnyHttpUrl, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gazecam.models import ModelSettings
 
-EngineName = Literal["text", "vlm"]
-# The help of the --engine and --vlm flags of ask, serve and bench.
+EngineName = Literal["text", "vlm", "remote"]
+# The help of the --engine, --vlm and --remote-* flags of ask, serve and bench.
 ENGINE_HELP = (
-    "Answer engine: text or vlm [GAZECAM_ENGINE; unset: vlm when a SmolVLM checkpoint is "
-    "installed, else text]."
+    "Answer engine: text, vlm or remote [GAZECAM_ENGINE; unset: vlm when a SmolVLM checkpoint "
+    "is installed, else text]."
 )
 VLM_HELP = "A SmolVLM checkpoint folder for the vlm engine [GAZECAM_VLM]."
+REMOTE_URL_HELP = (
+    "The remote engine's OpenAI-compatible server, e.g. http://gpu-box:8000/v1 "
+    "[GAZECAM_REMOTE_URL]; its API key comes from GAZECAM_REMOTE_API_KEY only."
+)
+REMOTE_MODEL_HELP = (
+    "The model the remote server serves [GAZECAM_REMOTE_MODEL; unset: the first it lists]."
+)
 
 
 class LLMSettings(BaseSettings):
@@ -26,10 +34,11 @@ class LLMSettings(BaseSettings):
 
     engine: EngineName | None = Field(
         None,
-        description="The answer engine: 'text' (perception's regions as text, SmolLM2-135M) "
-        "or 'vlm' (a SmolVLM checkpoint's visual tokens as gaze regions); unset: vlm when a "
-        "SmolVLM checkpoint is installed (gazecam models fetch/import, or GAZECAM_VLM), else "
-        "text.",
+        description="The answer engine: 'text' (perception's regions as text, SmolLM2-135M), "
+        "'vlm' (a SmolVLM checkpoint's visual tokens as gaze regions) or 'remote' (an "
+        "OpenAI-compatible server, GAZECAM_REMOTE_URL, with the text engine as fallback); "
+        "unset: vlm when a SmolVLM checkpoint is installed (gazecam models fetch/import, or "
+        "GAZECAM_VLM), else text.",
     )
     llm_model_dir: Path | None = Field(
         None,
@@ -78,13 +87,101 @@ class LLMSettings(BaseSettings):
         description="Weight of a region's gaze prior (0..1) against its z-normalised relevance "
         "to the query when regions are chosen.",
     )
+    remote_url: AnyHttpUrl | None = Field(
+        None,
+        description="The remote engine's OpenAI-compatible server (vLLM, llama.cpp's server, "
+        "Ollama, SGLang, NIM), up to and including /v1, e.g. http://gpu-box:8000/v1.",
+    )
+    remote_model: str | None = Field(
+        None, description="The model the remote server serves; unset: the first it lists."
+    )
+    remote_api_key: SecretStr | None = Field(
+        None,
+        description="The remote server's API key (sent as a bearer token; from the environment "
+        "only, never logged); refused over plain http to a host other than loopback.",
+    )
+    remote_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Connecting to the remote server, and each wait for its next token after "
+        "the first, may take at most this long.",
+    )
+    remote_retries: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="Retries of a remote request refused with 408/409/429/5xx or a lost "
+        "connection, with exponential backoff from 0.5 s (or the server's Retry-After), all "
+        "within the first-token budget.",
+    )
+    remote_budget_ms: float = Field(
+        3000.0,
+        gt=0,
+        description="The remote engine's first token must come within this many ms of the "
+        "ask (retries included); otherwise the local text engine answers.",
+    )
+    remote_breaker_failures: int = Field(
+        3,
+        ge=1,
+        description="After this many failed remote answers in a row the circuit opens: the "
+        "local text engine answers at once, without waiting for the server.",
+    )
+    remote_breaker_reset_s: float = Field(
+        30.0,
+        gt=0,
+        description="An open circuit lets one trial request through after this many seconds "
+        "(half-open): success closes it, failure opens it again.",
+    )
+    remote_images: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Send the gaze crop and the whole-frame thumbnail as images (for a "
+        "multimodal model): on, off, or auto (sent until the server refuses a request with "
+        "them, then text only for this session).",
+    )
+    remote_fallback: bool = Field(
+        True,
+        description="When the remote engine fails (down, slow, refused, a broken reply), the "
+        "local text engine answers and the answer says why (engine.fallback); off: the ask "
+        "fails (the CLI exits 2, the service sends an error frame).",
+    )
+
+    @model_validator(mode="after")
+    def _check_remote(self) -> LLMSettings:
+        url = self.remote_url
+        if self.engine == "remote" and url is None:
+            raise ValueError("the remote engine needs GAZECAM_REMOTE_URL (--remote-url)")
+        key, host = self.remote_api_key, url.host or "" if url else ""
+        if url is not None and key is not None and url.scheme == "http" and not _is_loopback(host):
+            raise ValueError(
+                f"GAZECAM_REMOTE_API_KEY would cross the network in clear to {host}: "
+                "use an https:// GAZECAM_REMOTE_URL"
+            )
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def engine_settings(
-    engine: EngineName | None, vlm: Path | None
+    engine: EngineName | None,
+    vlm: Path | None,
+    remote_url: str | None = None,
+    remote_model: str | None = None,
 ) -> tuple[LLMSettings, ModelSettings]:
-    """The settings that ``--engine`` and ``--vlm`` set; a flag left out (None) keeps the
-    environment's ``GAZECAM_ENGINE`` / ``GAZECAM_VLM``."""
-    llm = LLMSettings(engine=engine) if engine is not None else LLMSettings()
+    """The settings that ``--engine``, ``--vlm``, ``--remote-url`` and ``--remote-model`` set;
+    a flag left out (None) keeps the environment's ``GAZECAM_*`` setting."""
+    flags: dict[str, Any] = {
+        "engine": engine,
+        "remote_url": remote_url,
+        "remote_model": remote_model,
+    }
+    llm = LLMSettings(**{key: value for key, value in flags.items() if value is not None})
     models = ModelSettings(vlm=vlm) if vlm is not None else ModelSettings()
     return llm, models

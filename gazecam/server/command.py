@@ -13,7 +13,14 @@ from typing import Any
 from pydantic import BaseModel, Field, ValidationError
 
 from gazecam.errors import ConfigError
-from gazecam.llm.settings import ENGINE_HELP, VLM_HELP, EngineName, engine_settings
+from gazecam.llm.settings import (
+    ENGINE_HELP,
+    REMOTE_MODEL_HELP,
+    REMOTE_URL_HELP,
+    VLM_HELP,
+    EngineName,
+    engine_settings,
+)
 from gazecam.server.settings import ServerSettings
 from gazecam.settings import settings_problem
 
@@ -42,6 +49,8 @@ class ServeCommand(BaseModel):
         "warning in /v1/status.",
     )
     vlm: Path | None = Field(None, description=VLM_HELP)
+    remote_url: str | None = Field(None, description=REMOTE_URL_HELP)
+    remote_model: str | None = Field(None, description=REMOTE_MODEL_HELP)
 
     def cli_cmd(self) -> None:
         """Run the service until interrupted."""
@@ -62,4 +71,7 @@ class ServeCommand(BaseModel):
             # Every field of the command is a flag for the setting of its name.
             raise ConfigError(settings_problem(exc, {f: f for f in flags})) from exc
         logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-        serve(settings, *engine_settings(self.engine, self.vlm))
+        serve(
+            settings,
+            *engine_settings(self.engine, self.vlm, self.remote_url, self.remote_model),
+        )

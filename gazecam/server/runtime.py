@@ -315,7 +315,7 @@ class Runtime:
                 "last_error": pipeline.last_error,
             },
             "model": {
-                **asdict(self.engines.model.info),
+                **self.engines.model.info.to_json(),
                 "language_model": self.engines.model.config.get("source"),
                 "regions_in_memory": len(self.assistant.memory),
                 "warning": self.engines.warning,
