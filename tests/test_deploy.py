@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import pytest
 import yaml
 from pydantic_settings import BaseSettings
 
@@ -80,7 +79,7 @@ def gazecam_variables() -> set[str]:
 
 def healthcheck_url(service: dict[str, Any]) -> str:
     test = " ".join(service["healthcheck"]["test"])
-    match = re.search(r"http://[^'\" ]+", test)
+    match = re.search(r"https?://[^'\" ]+", test)
     assert match is not None, test
     return match.group()
 
@@ -105,17 +104,17 @@ def test_the_gpu_server_serves_a_vlm_with_vllms_flags() -> None:
     assert vllm["ipc"] == "host" and vllm["ports"] == ["8000:8000"]
     (gpu,) = vllm["deploy"]["resources"]["reservations"]["devices"]
     assert gpu == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
-    assert healthcheck_url(vllm) == "http://127.0.0.1:8000/health"
+    assert healthcheck_url(vllm) == "https://127.0.0.1:8000/health"
+    # TLS: the boxes' API key never crosses the network in clear.
+    assert args["ssl-certfile"].startswith("/certs/") and args["ssl-keyfile"].startswith("/certs/")
+    assert "./certs:/certs:ro" in vllm["volumes"]
 
 
 def test_the_box_env_files_set_only_gazecam_settings() -> None:
     variables = gazecam_variables()
     assert set(env_file(REPO / "deploy" / "gazecam.env.example")) <= variables
     env = env_file(BOX / "gazecam.env.example")
-    unknown = set(env) - variables
-    if unknown and all(name.startswith("GAZECAM_REMOTE_") for name in unknown):
-        pytest.skip("the remote engine's settings (issue 13, branch h-remote) are not here yet")
-    assert not unknown
+    assert set(env) <= variables
     fields = {key.removeprefix("GAZECAM_").lower(): value for key, value in env.items()}
     ServerSettings(**fields)  # a public host with a token long enough, a well-formed source
     assert LLMSettings(**fields).engine == "remote"
@@ -127,11 +126,14 @@ def test_the_box_runs_gazecam_answering_from_the_gpu_server() -> None:
     assert env["GAZECAM_ENGINE"] == "remote"
     assert env["GAZECAM_REMOTE_MODEL"] == vllm["served-model-name"]
     url = urlsplit(env["GAZECAM_REMOTE_URL"])
-    assert url.port == 8000 and url.path == "/v1"  # OpenAI's base URL on vLLM's port
+    # OpenAI's base URL on vLLM's port, over TLS (gazecam refuses to send a key in clear).
+    assert url.scheme == "https" and url.port == 8000 and url.path == "/v1"
     spec = compose(BOX / "compose.yaml")
     assert set(spec["services"]) == {"gazecam"}
     box = spec["services"]["gazecam"]
     assert box["env_file"] == "gazecam.env" and box["network_mode"] == "host"
+    assert box["environment"]["SSL_CERT_FILE"] == "/etc/gazecam/ca.crt"
+    assert "./ca.crt:/etc/gazecam/ca.crt:ro" in box["volumes"]
     assert healthcheck_url(box) == f"http://127.0.0.1:{env['GAZECAM_PORT']}/healthz"
     assert (BOX / box["build"]["context"] / box["build"]["dockerfile"]).resolve() == (
         BOX / "Dockerfile"
@@ -163,7 +165,11 @@ def test_the_load_balancer_spreads_asks_over_gpu_servers() -> None:
     assert re.search(r"^\s*least_conn;", upstream, re.MULTILINE)
     assert len(re.findall(r"^\s*server \S+:8000\b", upstream, re.MULTILINE)) >= 2
     directives = {line.strip() for line in conf.splitlines()}
-    assert {"proxy_pass http://vllm;", "proxy_buffering off;"} <= directives
+    tls = {"proxy_pass https://vllm;", "proxy_ssl_verify on;", "listen 8000 ssl;"}
+    assert tls | {"proxy_buffering off;", "listen 127.0.0.1:8080;"} <= directives
     nginx = compose(GPU / "lb.compose.yaml")["services"]["nginx"]
-    assert nginx["volumes"] == ["./nginx.conf:/etc/nginx/conf.d/default.conf:ro"]
-    assert healthcheck_url(nginx) == "http://127.0.0.1:8000/health"
+    assert nginx["volumes"] == [
+        "./nginx.conf:/etc/nginx/conf.d/default.conf:ro",
+        "./certs:/etc/nginx/certs:ro",
+    ]
+    assert healthcheck_url(nginx) == "http://127.0.0.1:8080/health"  # loopback only
