@@ -386,9 +386,13 @@ _YES_NO = frozenset({"yes", "no", "yeah", "yep", "nope", "not", "never", "none",
 def supported(continuation: str, routed: RoutedAnswer) -> bool:
     """Whether the model's ``continuation`` of ``routed.sentence`` says nothing new: every
     number, quoted text and word in it is in the sentence (or a function word), it makes no
-    yes/no claim, and it says something (at least one of the sentence's own words)."""
-    said = set(re.findall(r"[a-z0-9]+", routed.sentence.casefold()))
+    yes/no claim, and it says something (at least one of the sentence's own words) without
+    merely repeating part of the sentence word for word."""
+    sentence = re.findall(r"[a-z0-9]+", routed.sentence.casefold())
+    said = set(sentence)
     words = re.findall(r"[a-z0-9]+", continuation.casefold())
+    if f" {' '.join(words)} " in f" {' '.join(sentence)} ":
+        return False
     quoted = re.findall(r"'([^']+)'|\"([^\"]+)\"", continuation)
     if any(q and q not in routed.sentence for pair in quoted for q in pair):
         return False

@@ -12,10 +12,10 @@ says nothing the sentence does not (see ``gazecam.answers``).
 
 Every piece of text the model gets has a bound in tokens, so that the context, a full memory
 and an ask always fit the model's positions: the task card takes at most
-``context_max_tokens`` (see ``context_text``), each region line at most ``REGION_MAX_TOKENS``,
-and the current step's line in the ask prompt and the fact sentence the model continues at most
-``STEP_PROMPT_MAX_TOKENS`` each (a longer sentence stands alone); the question, that line, the
-sentence and the answer share the model's ``LOCAL_RESERVE``.
+``context_max_tokens`` (see ``gazecam.context``), each region line at most
+``REGION_MAX_TOKENS``, and the current step's line in the ask prompt and the fact sentence the
+model continues at most ``STEP_PROMPT_MAX_TOKENS`` each (a longer sentence stands alone); the
+question, that line, the sentence and the answer share the model's ``LOCAL_RESERVE``.
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from bisect import bisect_right
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -36,6 +35,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gazecam import answers
+from gazecam.context import context_text, cut, longest_fit
 from gazecam.errors import ConfigError, GazecamError
 from gazecam.llm.decoder import (
     LOCAL_RESERVE,
@@ -51,7 +51,7 @@ from gazecam.models import ModelError, ModelSettings, fetch
 from gazecam.perception import Perception
 from gazecam.records import Crop, Region, SourceEvent
 from gazecam.steps import StepEstimate, StepSettings, StepTracker
-from gazecam.tasks import CardTooLargeError, TaskCard, load_task_card
+from gazecam.tasks import TaskCard, load_task_card
 
 if TYPE_CHECKING:
     from gazecam.llm.remote import RemoteModel
@@ -233,52 +233,6 @@ def crop_json(crop: Crop | None) -> dict[str, Any] | None:
         "gaze": [m.gaze_x_px, m.gaze_y_px],
         "box": crop.box.as_list(),
     }
-
-
-def cut(text: str, max_chars: int) -> str:
-    """``text``, or when it is longer than ``max_chars`` its start and an ellipsis."""
-    return text if len(text) <= max_chars else text[: max_chars - 1].rstrip() + "…"
-
-
-def longest_fit(render: Callable[[int], str], longest: int, fits: Callable[[str], bool]) -> str:
-    """``render(k)`` for the largest k in 1..``longest`` that ``fits``; ``render(longest)``
-    is the uncut text. Raises CardTooLargeError when not even ``render(1)`` fits."""
-    if fits(text := render(longest)):
-        return text
-    k = bisect_right(range(1, longest + 1), False, key=lambda k: not fits(render(k)))
-    while k and not fits(render(k)):  # a cut one character longer may take one token fewer
-        k -= 1
-    if not k:
-        raise CardTooLargeError("the text does not fit even cut to its first character")
-    return render(k)
-
-
-def context_text(card: TaskCard, fits: Callable[[str], bool] = lambda _: True) -> str:
-    """The always-kept context: the assistant's role and the task card.
-
-    The card is verbatim when that ``fits``. Otherwise its name and each step's line
-    ("title: instruction") are cut to the same number of characters, the most that fits, so
-    short lines stay whole and every step keeps at least the start of its title; each ask's
-    prompt adds the current step's line, up to ``STEP_PROMPT_MAX_TOKENS`` (see
-    ``Assistant.ask``). Raises CardTooLargeError if not even one character per line fits.
-    """
-    lines = [f"{s.title}: {s.instruction}" for s in card.steps]
-
-    def render(k: int) -> str:
-        steps = "\n".join(f"{i}. {cut(line, k)}" for i, line in enumerate(lines, 1))
-        return (
-            "You help a person who wears eye-tracking glasses while doing a task. Answer in one "
-            f"short sentence.\nTask: {cut(card.name, k)}\nSteps:\n{steps}\n"
-            "What the person looked at:"
-        )
-
-    try:
-        return longest_fit(render, max(len(card.name), *map(len, lines)), fits)
-    except CardTooLargeError as exc:
-        raise CardTooLargeError(
-            f"task card {card.name!r}: its {len(card.steps)} steps do not fit the context "
-            "even cut to a character each (GAZECAM_CONTEXT_MAX_TOKENS)"
-        ) from exc
 
 
 def check_positions(

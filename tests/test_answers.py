@@ -170,7 +170,8 @@ def test_follow_ups_resolve_against_the_previous_answer() -> None:
 @pytest.mark.parametrize(
     ("continuation", "kept"),
     [
-        (" Plug the service cable into the laptop port.", True),
+        (" Plug the cable into the port.", True),
+        (" Plug the service cable into the laptop port.", False),  # repeats the sentence
         (" It is step 3.", True),
         (" Then do step 4.", False),  # a step number the facts do not hold
         (" Then close the cover.", False),  # another step's words
