@@ -35,6 +35,7 @@ from gazecam.models import ModelSettings
 from gazecam.records import CropMode, SourceEvent
 from gazecam.server.command import ServeCommand
 from gazecam.settings import CaptureSettings, Pace, SourceSettings, settings_problem
+from gazecam.simulate.command import SimulateNeonCommand
 from gazecam.sources import check_address, open_source
 
 if TYPE_CHECKING:
@@ -300,6 +301,7 @@ class Gazecam(
     serve: CliSubCommand[ServeCommand]
     models: CliSubCommand[ModelsCommand]
     bench: CliSubCommand[BenchCommand]
+    simulate_neon: CliSubCommand[SimulateNeonCommand]
 
     def cli_cmd(self) -> None:
         """Run the chosen subcommand."""
