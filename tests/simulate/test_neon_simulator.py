@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,11 @@ from pupil_labs.realtime_api.device import Device
 from pupil_labs.realtime_api.streaming import receive_gaze_data, receive_video_frames
 from pupil_labs.realtime_api.time_echo import TimeOffsetEstimator
 
-from gazecam.records import GazeSample, SceneFrame
+from gazecam.capture import CaptureResult, capture
+from gazecam.records import GazeSample, SceneFrame, SourceInfo, SourceItem
+from gazecam.settings import CaptureSettings
 from gazecam.simulate.neon_simulator import NeonSimulator, SimulatorSettings
-from gazecam.sources import open_source
+from gazecam.sources import Source, open_source
 from gazecam.sources.synthetic import read_frame_code
 from tests.conftest import missing
 
@@ -133,3 +136,80 @@ async def test_gaze_and_frames_arrive_with_the_device_timestamps(neon_demo: Path
     assert max(map(abs, frame_errors_ms)) < 1, frame_errors_ms
     indices = [index for _, index in got_frames]
     assert indices == sorted(indices) and len(set(indices)) == len(indices)
+
+
+FRAME_NS = 33_333_333
+
+
+class Window:
+    """A source's gaze and frames from given times on; notes the first of each it passes."""
+
+    def __init__(self, source: Source, gaze_from_ns: int = 0, frames_from_ns: int = 0) -> None:
+        self.source, self.uri, self.stats = source, source.uri, source.stats
+        self.start_ns = {GazeSample: gaze_from_ns, SceneFrame: frames_from_ns}
+        self.first_ns: dict[type, int] = {}
+
+    async def open(self) -> SourceInfo:
+        return await self.source.open()
+
+    async def stream(self) -> AsyncIterator[SourceItem]:
+        async for item in self.source.stream():
+            kind = type(item)
+            if isinstance(item, GazeSample | SceneFrame):
+                if item.timestamp_ns < self.start_ns[kind]:
+                    continue
+                self.first_ns.setdefault(kind, item.timestamp_ns)
+            yield item
+
+    async def close(self) -> None:
+        await self.source.close()
+
+
+async def keyframes(source: Source, stop: asyncio.Event | None = None) -> list[int]:
+    """The frame times of the keyframes the capture pipeline picks (until ``stop`` is set)."""
+    info = await source.open()
+    settings = CaptureSettings(fixation_detector="ivt")  # the live source has no fixations
+    found: list[int] = []
+
+    async def run() -> None:
+        async for result in capture(source, info, settings):
+            if isinstance(result, CaptureResult) and result.crop is not None:
+                found.append(result.matched.frame.timestamp_ns)
+
+    try:
+        if stop is None:
+            await run()
+        else:
+            running = asyncio.create_task(run())
+            await stop.wait()
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+    finally:
+        await source.close()
+    return found
+
+
+async def test_capture_through_the_simulator_picks_the_keyframes_of_the_direct_replay(
+    neon_demo: Path,
+) -> None:
+    """The live path (simulator, RTSP, the realtime client, NeonLiveSource) picks the same
+    keyframes as replaying the recording from the moment the live streams began."""
+    rec_gaze, rec_frames = await recorded(neon_demo)
+    first_ns = min(rec_gaze[0].timestamp_ns, rec_frames[0].timestamp_ns)
+    async with simulator(neon_demo) as sim:
+        end = asyncio.Event()
+        played = asyncio.create_task(sim.wait())
+        played.add_done_callback(lambda _: asyncio.get_running_loop().call_later(1, end.set))
+        live_source = Window(open_source(sim.uri))
+        live = await keyframes(live_source, end)
+        await played
+        start_ns = sim.started_wall_ns
+    # The same moments, as times since the recording's first item.
+    live_first = {kind: t - start_ns + first_ns for kind, t in live_source.first_ns.items()}
+    direct = await keyframes(
+        Window(open_source(str(neon_demo)), live_first[GazeSample], live_first[SceneFrame])
+    )
+    live_s = [(t - start_ns) / 1e9 for t in live]
+    direct_s = [(t - first_ns) / 1e9 for t in direct]
+    assert len(live_s) == len(direct_s) >= 5, (live_s, direct_s)
+    assert max(abs(a - b) for a, b in zip(live_s, direct_s)) <= FRAME_NS / 1e9, (live_s, direct_s)
