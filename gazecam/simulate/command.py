@@ -33,6 +33,11 @@ class SimulateNeonCommand(BaseModel):
     loop: bool | None = Field(None, description="Play the recording again and again [off].")
     rate: float | None = Field(None, description="Playback speed [GAZECAM_SIM_RATE, 1.0].")
     mdns: bool | None = Field(None, description="Announce the device by mDNS [on].")
+    fault: list[str] | None = Field(
+        None,
+        description="Inject a fault, KIND@AT[:SECONDS] (repeatable): drop@5, stall-video@5:3, "
+        "stall-gaze@5:3, jump@5:0.5, away@5:4, late-gaze@5:0.05, reorder-gaze@5:0.05.",
+    )
 
     def cli_cmd(self) -> None:
         """Serve until the recording ends (never with --loop) or a stop signal comes."""
@@ -45,7 +50,12 @@ class SimulateNeonCommand(BaseModel):
         _show_warnings()
         settings = SimulatorSettings(
             **_overrides(
-                host=self.host, port=self.port, loop=self.loop, rate=self.rate, mdns=self.mdns
+                sim_host=self.host,
+                sim_port=self.port,
+                sim_loop=self.loop,
+                sim_rate=self.rate,
+                sim_mdns=self.mdns,
+                sim_faults=self.fault,
             )
         )
         asyncio.run(_serve_until_stopped(NeonSimulator(self.recording, settings)))

@@ -149,12 +149,24 @@ def main() -> int:
         return 2
     clock = Gst.SystemClock.obtain()
 
+    def wall_minus_clock_ns() -> int:
+        # The wall clock less the pipeline clock, read where the two reads lie closest
+        # together: a read pair split by a preemption would be milliseconds off.
+        pairs = []
+        for _ in range(5):
+            before = clock.get_time()
+            wall = time.time_ns()
+            pairs.append((clock.get_time() - before, wall - before))
+        return min(pairs)[1]
+
+    offset = [wall_minus_clock_ns(), time.monotonic()]  # and when it was measured
+
     def running_time_ns(appsrc: Any, device_ns: int) -> int:
-        # rtpbin's sender reports pair the wall clock now with the running time now, so a
-        # buffer whose running time lies (device_ns - wall now) from now is reported at
-        # device_ns.
-        now_running = clock.get_time() - appsrc.get_base_time()
-        running_ns: int = max(0, now_running + device_ns - time.time_ns())
+        # rtpbin's sender reports pair the wall clock with the running time, so a buffer
+        # whose running time is device_ns on the pipeline clock is reported at device_ns.
+        if time.monotonic() - offset[1] > 1:  # follow the wall clock's slewing
+            offset[:] = [wall_minus_clock_ns(), time.monotonic()]
+        running_ns: int = max(0, device_ns - offset[0] - appsrc.get_base_time())
         return running_ns
 
     def push_frame(device_ns: int, pixels: bytes) -> None:

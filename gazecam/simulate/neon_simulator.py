@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
 import socket
 import struct
@@ -33,17 +32,17 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gazecam.errors import ConfigError, GazecamError, MissingDependencyError, SourceError
 from gazecam.records import BGRImage, GazeSample, SceneFrame, SourceInfo
 from gazecam.settings import SourceSettings
 from gazecam.simulate import gst_rtsp
-from gazecam.sources import detect_folder_format, open_source
+from gazecam.simulate.faults import Faults, FaultStep, parse_fault
+from gazecam.sources import open_source
 from gazecam.sources.base import Source
 
 logger = logging.getLogger(__name__)
@@ -60,35 +59,34 @@ class SimulatorError(GazecamError):
 class SimulatorSettings(BaseSettings):
     """How ``gazecam simulate-neon`` presents itself."""
 
-    model_config = SettingsConfigDict(env_prefix="GAZECAM_SIM_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="GAZECAM_", extra="ignore")
 
-    host: str = Field(
+    sim_host: str = Field(
         "127.0.0.1",
         description="Address the HTTP API, RTSP and Time Echo listen on (loopback by default: "
         "the simulator has no authentication, as the Companion app has none).",
     )
-    port: int = Field(8080, ge=0, le=65535, description="HTTP API port (0: any free port).")
-    rate: float = Field(1.0, gt=0, le=16, description="Playback speed; 1 is real time.")
-    loop: bool = Field(False, description="Play the recording again and again.")
-    mdns: bool = Field(True, description="Announce the device by mDNS (for neon://auto).")
-    gst_python: str = Field(
+    sim_port: int = Field(8080, ge=0, le=65535, description="HTTP API port (0: any free port).")
+    sim_rate: float = Field(1.0, gt=0, le=16, description="Playback speed; 1 is real time.")
+    sim_loop: bool = Field(False, description="Play the recording again and again.")
+    sim_mdns: bool = Field(True, description="Announce the device by mDNS (for neon://auto).")
+    sim_gst_python: str = Field(
         "/usr/bin/python3",
         description="The Python that has PyGObject and GStreamer's RTSP server (Debian's "
         "python3-gi, gir1.2-gst-rtsp-server-1.0); runs the RTSP streams.",
     )
-    device_name: str = Field("Neon Simulator", description="The phone's name in status/mDNS.")
+    sim_device_name: str = Field("Neon Simulator", description="The phone's name in status/mDNS.")
+    sim_faults: list[str] = Field(
+        default_factory=list,
+        description="Fault plan: KIND@AT[:SECONDS] steps (see gazecam.simulate.faults).",
+    )
 
-
-@dataclass
-class Faults:
-    """Faults being injected now (mutable: changed while the simulator plays)."""
-
-    stall_video_until_ns: int = 0  # monotonic: no scene frames before then
-    stall_gaze_until_ns: int = 0
-    away_until_ns: int = 0  # no streams and no HTTP answers before then
-    clock_jump_ns: int = 0  # added to the device clock
-    gaze_delay_ns: int = 0  # gaze is held back this long and sent in bursts
-    gaze_reorder: bool = False  # a held-back burst is sent newest first
+    @field_validator("sim_faults")
+    @classmethod
+    def _parse_faults(cls, steps: list[str]) -> list[str]:
+        for step in steps:
+            parse_fault(step)  # its ValueError names the step
+        return steps
 
 
 @dataclass
@@ -106,12 +104,6 @@ def gaze_payload(sample: GazeSample) -> bytes:
     """Neon's gaze RTP payload as the client parses it (``GazeData.from_raw``): x, y in scene
     pixels as big-endian floats, then 255 when the glasses are worn, else 0."""
     return struct.pack("!ffB", sample.x_px, sample.y_px, 255 if sample.worn else 0)
-
-
-def _reply(result: Any, status: int = 200, message: str = "Success") -> Any:
-    from aiohttp import web
-
-    return web.json_response({"message": message, "result": result}, status=status)
 
 
 class NeonSimulator:
@@ -135,14 +127,12 @@ class NeonSimulator:
         self._runner: Any = None  # aiohttp's AppRunner
         self._time_echo: asyncio.Server | None = None
         self._zeroconf: Any = None
-        self._recording_id: str | None = None
-        self._recording_start_ns = 0
         self._done = asyncio.Event()
 
     @property
     def uri(self) -> str:
         """The simulated device's source address, ``neon://HOST:PORT``."""
-        return f"neon://{self.settings.host}:{self.http_port}"
+        return f"neon://{self.settings.sim_host}:{self.http_port}"
 
     def device_ns(self) -> int:
         """The simulated device's clock: Unix nanoseconds."""
@@ -167,13 +157,16 @@ class NeonSimulator:
         try:
             await self._start_child(self._info)
             await self._start_time_echo()
-            await self._start_http()
-            if self.settings.mdns:
+            await self._start_http(self._info)
+            if self.settings.sim_mdns:
                 await self._announce()
         except BaseException:
             await self.stop()
             raise
         self._tasks.append(asyncio.create_task(self._play()))
+        plan = [parse_fault(step) for step in self.settings.sim_faults]
+        if plan:
+            self._tasks.append(asyncio.create_task(self._inject(plan)))
 
     async def wait(self) -> None:
         """Until the recording has been played to its end (never, with ``loop``)."""
@@ -235,15 +228,36 @@ class NeonSimulator:
         self.faults.away_until_ns = time.monotonic_ns() + round(seconds * 1e9)
         await self.drop_connections()
 
+    def late_gaze(self, seconds: float, reorder: bool = False) -> None:
+        """Hold gaze back ``seconds`` and send it in bursts (newest first with ``reorder``)."""
+        self.faults.gaze_delay_ns = round(seconds * 1e9)
+        self.faults.gaze_reorder = reorder
+
+    async def _inject(self, plan: list[FaultStep]) -> None:
+        start_ns = time.monotonic_ns()
+        for step in sorted(plan, key=lambda step: step.at_s):
+            await asyncio.sleep(max(0.0, step.at_s - (time.monotonic_ns() - start_ns) / 1e9))
+            logger.warning("injecting %s (%g s)", step.kind, step.value_s)
+            if step.kind == "drop":
+                await self.drop_connections()
+            elif step.kind in ("stall-video", "stall-gaze"):
+                self.stall(step.kind.removeprefix("stall-"), step.value_s)
+            elif step.kind == "jump":
+                self.jump_clock(step.value_s)
+            elif step.kind == "away":
+                await self.go_away(step.value_s)
+            else:
+                self.late_gaze(step.value_s, reorder=step.kind == "reorder-gaze")
+
     # -- the parts ------------------------------------------------------------------------
 
     async def _start_child(self, info: SourceInfo) -> None:
         try:
             self._child = await asyncio.create_subprocess_exec(
-                self.settings.gst_python,
+                self.settings.sim_gst_python,
                 gst_rtsp.__file__,
                 "--host",
-                self.settings.host,
+                self.settings.sim_host,
                 "--width",
                 str(info.frame_width_px),
                 "--height",
@@ -257,7 +271,7 @@ class NeonSimulator:
             )
         except OSError as exc:
             raise SimulatorError(
-                f"{self.settings.gst_python}: cannot run it for the RTSP server "
+                f"{self.settings.sim_gst_python}: cannot run it for the RTSP server "
                 f"({exc.strerror}; set GAZECAM_SIM_GST_PYTHON)"
             ) from exc
         assert self._child.stdout is not None and self._child.stderr is not None
@@ -291,7 +305,7 @@ class NeonSimulator:
             try:
                 while True:
                     request = await reader.readexactly(8)
-                    if self._away():
+                    if self.away():
                         break
                     writer.write(request + struct.pack("!Q", self.device_ns() // 1_000_000))
                     await writer.drain()
@@ -301,40 +315,28 @@ class NeonSimulator:
                 writer.close()
 
         try:
-            self._time_echo = await asyncio.start_server(echo, self.settings.host, 0)
+            self._time_echo = await asyncio.start_server(echo, self.settings.sim_host, 0)
         except OSError as exc:
             raise SimulatorError(
-                f"Time Echo: cannot listen on {self.settings.host}: {exc}"
+                f"Time Echo: cannot listen on {self.settings.sim_host}: {exc}"
             ) from exc
         self.time_echo_port = self._time_echo.sockets[0].getsockname()[1]
 
-    async def _start_http(self) -> None:
+    async def _start_http(self, info: SourceInfo) -> None:
         from aiohttp import web
 
-        @web.middleware
-        async def away(request: web.Request, handler: Any) -> web.StreamResponse:
-            if self._away():
-                raise web.HTTPServiceUnavailable(text="the device is away (simulated fault)")
-            response: web.StreamResponse = await handler(request)
-            return response
+        from gazecam.simulate.companion_api import CompanionAPI
 
-        app = web.Application(middlewares=[away])
-        app.router.add_get("/api/status", self._status)
-        app.router.add_post("/api/recording:start", self._recording_start)
-        app.router.add_post("/api/recording:stop_and_save", self._recording_stop)
-        app.router.add_post("/api/recording:cancel", self._recording_stop)
-        app.router.add_post("/api/event", self._event)
-        app.router.add_get("/calibration.bin", self._calibration)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(CompanionAPI(self, info).app(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
+        site = web.TCPSite(self._runner, self.settings.sim_host, self.settings.sim_port)
         try:
             await site.start()
         except OSError as exc:
             why = "port in use" if exc.errno == errno.EADDRINUSE else str(exc)
+            where = f"{self.settings.sim_host}:{self.settings.sim_port}"
             raise SimulatorError(
-                f"{self.settings.host}:{self.settings.port}: cannot serve the HTTP API ({why}; "
-                "--port 0 picks a free one)"
+                f"{where}: cannot serve the HTTP API ({why}; --port 0 picks a free one)"
             ) from exc
         self.http_port = self._runner.addresses[0][1]
 
@@ -345,129 +347,22 @@ class NeonSimulator:
         # The name the client's discovery keeps: 'PI monitor:<phone name>:<id>'.
         info = ServiceInfo(
             "_http._tcp.local.",
-            f"PI monitor:{self.settings.device_name}:{self.device_id}._http._tcp.local.",
-            addresses=[socket.inet_aton(self.settings.host)],
+            f"PI monitor:{self.settings.sim_device_name}:{self.device_id}._http._tcp.local.",
+            addresses=[socket.inet_aton(self.settings.sim_host)],
             port=self.http_port,
             server=f"neon-{self.device_id}.local.",
         )
-        self._zeroconf = AsyncZeroconf(interfaces=[self.settings.host])
+        self._zeroconf = AsyncZeroconf(interfaces=[self.settings.sim_host])
         try:
             await self._zeroconf.async_register_service(info)
         except OSError as exc:
             raise SimulatorError(
-                f"mDNS: cannot announce on {self.settings.host} ({exc}); --no-mdns turns it off"
+                f"mDNS: cannot announce on {self.settings.sim_host} ({exc}); --no-mdns turns it off"
             ) from exc
 
-    # -- HTTP -----------------------------------------------------------------------------
-
-    def _away(self) -> bool:
+    def away(self) -> bool:
+        """Whether the device is away now (a simulated fault)."""
         return time.monotonic_ns() < self.faults.away_until_ns
-
-    async def _status(self, _request: Any) -> Any:
-        host = self.settings.host
-        world_port, gaze_port = self.rtsp_ports
-        components: list[dict[str, Any]] = [
-            {
-                "model": "Phone",
-                "data": {
-                    "battery_level": 100,
-                    "battery_state": "OK",
-                    "device_id": self.device_id,
-                    "device_name": self.settings.device_name,
-                    "ip": host,
-                    "memory": 64 * 2**30,
-                    "memory_state": "OK",
-                    "time_echo_port": self.time_echo_port,
-                },
-            },
-            {"model": "Hardware", "data": {"version": "2.0", "module_serial": "simulated"}},
-        ]
-        for sensor, port in (("world", world_port), ("gaze", gaze_port)):
-            components.append(
-                {
-                    "model": "Sensor",
-                    "data": {
-                        "sensor": sensor,
-                        "conn_type": "DIRECT",
-                        "connected": True,
-                        "ip": host,
-                        "port": port,
-                        "protocol": "rtsp",
-                        "params": f"camera={sensor}",
-                        "stream_error": False,
-                    },
-                }
-            )
-        if self._recording_id is not None:
-            components.append(
-                {
-                    "model": "Recording",
-                    "data": {
-                        "action": "START",
-                        "id": self._recording_id,
-                        "message": "",
-                        "rec_duration_ns": self.device_ns() - self._recording_start_ns,
-                    },
-                }
-            )
-        return _reply(components)
-
-    async def _recording_start(self, _request: Any) -> Any:
-        if self._recording_id is not None:
-            return _reply(None, 400, "Recording already running")
-        self._recording_id = str(uuid.uuid4())
-        self._recording_start_ns = self.device_ns()
-        return _reply({"id": self._recording_id})
-
-    async def _recording_stop(self, _request: Any) -> Any:
-        if self._recording_id is None:
-            return _reply(None, 400, "Recording not running")
-        self._recording_id = None
-        return _reply({})
-
-    async def _event(self, request: Any) -> Any:
-        try:
-            body = json.loads(await request.read())
-        except ValueError as exc:
-            return _reply(None, 400, f"event: the body is not JSON ({exc})")
-        name = body.get("name") if isinstance(body, dict) else None
-        timestamp = body.get("timestamp", self.device_ns()) if isinstance(body, dict) else None
-        if not isinstance(name, str) or not name:
-            return _reply(None, 400, "event: 'name' must be a non-empty string")
-        if isinstance(timestamp, bool) or not isinstance(timestamp, int) or timestamp < 0:
-            return _reply(None, 400, "event: 'timestamp' must be integer Unix nanoseconds")
-        return _reply({"recording_id": self._recording_id, "timestamp": timestamp})
-
-    async def _calibration(self, _request: Any) -> Any:
-        from aiohttp import web
-
-        data = self._calibration_bytes()
-        if data is None:
-            raise web.HTTPNotFound(text="the recording has no scene camera calibration")
-        return web.Response(body=data, content_type="application/octet-stream")
-
-    def _calibration_bytes(self) -> bytes | None:
-        """The recording's own calibration.bin, or one written from its scene intrinsics."""
-        own = Path(self.address).expanduser() / "calibration.bin"
-        if (
-            not self.address.startswith("synthetic:")
-            and detect_folder_format(own.parent) == "neon-recording"
-            and own.is_file()
-        ):
-            return own.read_bytes()
-        camera = self._info.camera if self._info is not None else None
-        if camera is None:
-            return None
-        import numpy as np
-        from pupil_labs.neon_recording.calib import Calibration
-
-        record = np.zeros((), dtype=Calibration.dtype)
-        record["version"] = 1
-        record["serial"] = b"sim000"
-        record["scene_camera_matrix"] = camera.camera_matrix
-        distortion = record["scene_distortion_coefficients"]
-        distortion[: len(camera.distortion)] = camera.distortion
-        return record.tobytes()
 
     # -- playing --------------------------------------------------------------------------
 
@@ -502,15 +397,16 @@ class NeonSimulator:
             finally:
                 await source.close()
             self.stats.passes += 1
-            if not self.settings.loop or first_ns is None:
+            if not self.settings.sim_loop or first_ns is None:
                 return
             offset_ns += last_ns + _PASS_GAP_NS
 
     async def _play(self) -> None:
         """Send each item when its time comes, stamped with the device clock."""
-        rate = self.settings.rate
+        rate = self.settings.sim_rate
         start_mono_ns = time.monotonic_ns()
         self.started_wall_ns = time.time_ns()
+        faults = self.faults
         held: list[tuple[int, bytes]] = []  # gaze held back by Faults.gaze_delay_ns
         try:
             async for elapsed_ns, item in self._items():
@@ -519,9 +415,9 @@ class NeonSimulator:
                 if wait_ns > 0:
                     await asyncio.sleep(wait_ns / 1e9)
                 now_ns = time.monotonic_ns()
-                # The device stamps an item when it is captured: now, on its clock.
-                device_ns = self.device_ns() - (now_ns - due_ns)
-                if self._away():
+                # The device stamps an item when it is captured: when it was due, on its clock.
+                device_ns = self.started_wall_ns + (due_ns - start_mono_ns) + faults.clock_jump_ns
+                if self.away():
                     self.stats.frames_skipped += isinstance(item, SceneFrame)
                     continue
                 if isinstance(item, GazeSample):
@@ -574,7 +470,7 @@ async def serve_forever(simulator: NeonSimulator) -> None:
         world_port, gaze_port = simulator.rtsp_ports
         print(
             f"simulating a Neon from {simulator.address} at {simulator.uri} "
-            f"(HTTP http://{simulator.settings.host}:{simulator.http_port}/api/status, "
+            f"(HTTP http://{simulator.settings.sim_host}:{simulator.http_port}/api/status, "
             f"RTSP ports {world_port} and {gaze_port}, Time Echo {simulator.time_echo_port})",
             file=sys.stderr,
             flush=True,
