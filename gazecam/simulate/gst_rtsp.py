@@ -152,7 +152,7 @@ def main() -> int:
     def wall_minus_clock_ns() -> int:
         # The wall clock less the pipeline clock, read where the two reads lie closest
         # together: a read pair split by a preemption would be milliseconds off.
-        pairs = []
+        pairs: list[tuple[int, int]] = []
         for _ in range(5):
             before = clock.get_time()
             wall = time.time_ns()
