@@ -51,8 +51,8 @@ async def live_arrivals(
 
 
 def gap_after_s(arrivals: list[Arrival], kind: str, at_s: float) -> float:
-    """The longest pause in arrivals of ``kind`` after ``at_s``, in seconds."""
-    times = [t / 1e9 for t, k, _ in arrivals if k == kind and t / 1e9 >= at_s]
+    """The longest pause in arrivals of ``kind`` from ``at_s`` on, in seconds."""
+    times = [at_s] + [t / 1e9 for t, k, _ in arrivals if k == kind and t / 1e9 >= at_s]
     return max((b - a for a, b in itertools.pairwise(times)), default=float("inf"))
 
 
