@@ -161,21 +161,27 @@ def main() -> int:
 
     offset = [wall_minus_clock_ns(), time.monotonic()]  # and when it was measured
 
-    def running_time_ns(appsrc: Any, device_ns: int) -> int:
+    def running_time_ns(appsrc: Any, device_ns: int) -> int | None:
         # rtpbin's sender reports pair the wall clock with the running time, so a buffer
         # whose running time is device_ns on the pipeline clock is reported at device_ns.
         if time.monotonic() - offset[1] > 1:  # follow the wall clock's slewing
             offset[:] = [wall_minus_clock_ns(), time.monotonic()]
-        running_ns: int = max(0, device_ns - offset[0] - appsrc.get_base_time())
-        return running_ns
+        base_ns = appsrc.get_base_time()
+        # None before the media plays (no base time yet), and for an item older than the
+        # media (it would be stamped with the media's start): nobody could have seen it.
+        running_ns: int = device_ns - offset[0] - base_ns
+        return running_ns if base_ns > 0 and running_ns >= 0 else None
 
     def push_frame(device_ns: int, pixels: bytes) -> None:
         with lock:
             appsrc = sources.get("world")
         if appsrc is None:
             return  # nobody watches: a live camera's frame is gone
+        pts = running_time_ns(appsrc, device_ns)
+        if pts is None:
+            return
         buffer = Gst.Buffer.new_wrapped(pixels)
-        buffer.pts = running_time_ns(appsrc, device_ns)
+        buffer.pts = pts
         appsrc.emit("push-buffer", buffer)
 
     gaze_seq = 0
@@ -187,6 +193,8 @@ def main() -> int:
         if appsrc is None:
             return
         pts = running_time_ns(appsrc, device_ns)
+        if pts is None:
+            return
         buffer = GstRtp.RTPBuffer.new_allocate(len(payload), 0, 0)
         ok, rtp = GstRtp.RTPBuffer.map(buffer, Gst.MapFlags.WRITE)
         if not ok:

@@ -98,6 +98,7 @@ class SimulatorStats:
     frames_skipped: int = 0  # not sent: stalled, away, or nobody could have seen them
     drops: int = 0
     passes: int = 0
+    max_lag_ns: int = 0  # the most an item went out after it was due: whether it keeps up
 
 
 def gaze_payload(sample: GazeSample) -> bytes:
@@ -415,6 +416,7 @@ class NeonSimulator:
                 if wait_ns > 0:
                     await asyncio.sleep(wait_ns / 1e9)
                 now_ns = time.monotonic_ns()
+                self.stats.max_lag_ns = max(self.stats.max_lag_ns, now_ns - due_ns)
                 # The device stamps an item when it is captured: when it was due, on its clock.
                 device_ns = self.started_wall_ns + (due_ns - start_mono_ns) + faults.clock_jump_ns
                 if self.away():
