@@ -37,6 +37,7 @@ from gazecam.models import ModelSettings
 from gazecam.records import CropMode, SourceEvent
 from gazecam.server.command import ServeCommand
 from gazecam.settings import CaptureSettings, Pace, SourceSettings, settings_problem
+from gazecam.simulate.command import SimulateNeonCommand
 from gazecam.sources import check_address, open_source
 
 if TYPE_CHECKING:
@@ -56,13 +57,19 @@ _FLAG_FOR_SETTING = {
     "crop_mode": "mode",
     "thumbnail_px": "thumbnail",
     "fixation_detector": "fixations",
+    "sim_host": "host",
+    "sim_port": "port",
+    "sim_rate": "rate",
+    "sim_loop": "loop",
+    "sim_mdns": "mdns",
+    "sim_faults": "fault",
 }
 
 
 def _command_flags(command: str) -> dict[str, str]:
     """The flags of the command named ``command`` (none for another word), by the setting each
     sets."""
-    field = Gazecam.model_fields.get(command)
+    field = Gazecam.model_fields.get(command.replace("-", "_"))  # simulate-neon
     commands = [t for t in get_args(field.annotation) if t is not type(None)] if field else []
     names = [name for cls in commands for name in cls.model_fields]
     return {setting: flag for setting, flag in _FLAG_FOR_SETTING.items() if flag in names} | {
@@ -313,6 +320,7 @@ class Gazecam(
     serve: CliSubCommand[ServeCommand]
     models: CliSubCommand[ModelsCommand]
     bench: CliSubCommand[BenchCommand]
+    simulate_neon: CliSubCommand[SimulateNeonCommand]
 
     def cli_cmd(self) -> None:
         """Run the chosen subcommand."""
