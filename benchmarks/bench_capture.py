@@ -35,15 +35,15 @@ import cv2
 import numpy as np
 from common import cpus, fmt, machine_info, pct, write_report  # benchmarks/common.py
 
-from gazecam.capture import Capture, FrameResult
-from gazecam.crop import make_crop
-from gazecam.fixations import FixationTracker, GazeAngles
+from gazecam.capture.crop import make_crop
+from gazecam.capture.fixations import FixationTracker, GazeAngles
+from gazecam.capture.pipeline import Capture, FrameResult
+from gazecam.capture.sync import STATUS_OK, FrameMatcher, match_frames
 from gazecam.records import BGRImage, GazeSample, MatchedFrame, SceneFrame, SourceInfo, SourceItem
 from gazecam.settings import CaptureSettings
 from gazecam.sources.base import merge_by_time
 from gazecam.sources.synthetic import FRAME_RATE_HZ, START_NS, DemoScene
-from gazecam.sync import STATUS_OK, FrameMatcher, match_frames
-from gazecam.video import VideoWriter, decode_frames
+from gazecam.sources.video import VideoWriter, decode_frames
 
 cv2.setNumThreads(1)
 DEFAULT_RECORDING = Path(__file__).resolve().parents[2] / "shared" / "recordings" / "neon-demo"

@@ -31,7 +31,7 @@ import numpy as np
 import onnxruntime as ort
 from common import machine_info, pct, write_report  # benchmarks/common.py
 
-from gazecam.crop import make_crop
+from gazecam.capture.crop import make_crop
 from gazecam.models import ModelSettings
 from gazecam.perception import PerceptionSettings, create_perception, resolve_providers
 from gazecam.perception.classifier import ImageClassifier

@@ -20,10 +20,10 @@ from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubComm
 from tqdm import tqdm
 
 from gazecam import __version__
-from gazecam.bench import BenchCommand
-from gazecam.capture import Capture, CaptureResult, capture
+from gazecam.bench.replay import BenchCommand
+from gazecam.capture.export import CropWriter
+from gazecam.capture.pipeline import Capture, CaptureResult, capture
 from gazecam.errors import ConfigError, GazecamError
-from gazecam.export import CropWriter
 from gazecam.llm.settings import (
     ENGINE_HELP,
     REMOTE_MODEL_HELP,
@@ -41,8 +41,8 @@ from gazecam.simulate.command import SimulateNeonCommand
 from gazecam.sources import check_address, open_source
 
 if TYPE_CHECKING:
-    from gazecam.assistant import Assistant
-    from gazecam.recorder import RecordSummary
+    from gazecam.assist.assistant import Assistant
+    from gazecam.sources.recorder import RecordSummary
 
 SOURCE_HELP = (
     "A Neon recording or Pupil Cloud export folder, neon://auto, neon://HOST[:PORT], "
@@ -154,7 +154,7 @@ class RecordCommand(BaseModel):
         the command ends with exit code 0. Stopped before the source opened, it has recorded
         nothing and leaves no folder; the exit code is then 128 + the signal's number.
         """
-        from gazecam.recorder import check_out_dir
+        from gazecam.sources.recorder import check_out_dir
 
         check_address(self.source)
         check_out_dir(self.out)
@@ -183,7 +183,7 @@ class RecordCommand(BaseModel):
 
     async def _record(self, on_progress: Callable[[RecordSummary], None]) -> signal.Signals | None:
         """Record until the source ends or a stop signal comes; the signal, if one came."""
-        from gazecam.recorder import record
+        from gazecam.sources.recorder import record
 
         async def run() -> None:
             settings = SourceSettings(**_overrides(pace=self.pace))
@@ -237,8 +237,8 @@ class AskCommand(BaseModel):
 
     def cli_cmd(self) -> None:
         """Run the command."""
-        from gazecam.answers import Conversation
-        from gazecam.assistant import Answer
+        from gazecam.assist.answers import Conversation
+        from gazecam.assist.assistant import Answer
 
         check_address(self.source)  # before the models load
         _show_warnings()
@@ -384,7 +384,7 @@ async def prepare_assistant(
     Each keyframe is perceived as the replay reaches it, as the service does at fixation
     onsets, so the ask that follows finds everything in memory.
     """
-    from gazecam.assistant import Assistant, load_engines, load_task
+    from gazecam.assist.assistant import Assistant, load_engines, load_task
 
     engines = load_engines(llm, models)
     assistant = Assistant(load_task(task), engines.perception, engines.model)

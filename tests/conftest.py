@@ -20,7 +20,7 @@ from gazecam.llm import LanguageModel, LLMSettings
 from gazecam.llm.decoder import converted_model_dir
 from gazecam.models import ModelError, ModelSettings, model_path
 from gazecam.sources.synthetic import DemoScene
-from gazecam.video import VideoWriter
+from gazecam.sources.video import VideoWriter
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -246,7 +246,7 @@ def test_malformed_address_is_refused_before_anything_starts(
         raise AssertionError("started despite a malformed address")
 
     # Nothing may start: no models loaded, no service bound, no source opened.
-    monkeypatch.setattr("gazecam.assistant.load_engines", must_not_run)
+    monkeypatch.setattr("gazecam.assist.assistant.load_engines", must_not_run)
     monkeypatch.setattr("gazecam.server.app.serve", must_not_run)
     monkeypatch.setattr("gazecam.cli.open_source", must_not_run)
     address = address.replace("{tmp}", str(tmp_path))

@@ -43,6 +43,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from gazecam.assist.memory import MemoryRegion, MemorySettings
 from gazecam.errors import ConfigError, MissingDependencyError
 from gazecam.llm.binding import BoundKV, Outputs
 from gazecam.llm.kv import GroupKind, KVCache, KVGroup
@@ -50,7 +51,6 @@ from gazecam.llm.sampling import sample, stream_piece
 from gazecam.llm.settings import LLMSettings
 from gazecam.llm.sparse import region_scores, select
 from gazecam.llm.tokenizer import ChatTokenizer, Prompt, chat_format, region_prompt
-from gazecam.memory import MemoryRegion, MemorySettings
 from gazecam.models import ModelError, ModelSettings, model_path
 from gazecam.records import Crop
 

@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING, Any
 
 import cv2
 
+from gazecam.assist.memory import MemoryRegion, MemorySettings
 from gazecam.errors import GazecamError, MissingDependencyError
 from gazecam.llm.decoder import EngineInfo, GenerationStats, LanguageModel
 from gazecam.llm.settings import LLMSettings
 from gazecam.llm.tokenizer import Prompt
-from gazecam.memory import MemoryRegion, MemorySettings
 from gazecam.records import BGRImage, Crop
 
 if TYPE_CHECKING:
@@ -119,7 +119,8 @@ def data_url(image: BGRImage) -> str:
 
 
 class RemoteModel:
-    """The decoder role (``gazecam.assistant.Model``) answered by an OpenAI-compatible server.
+    """The decoder role (``gazecam.assist.assistant.Model``), answered by an OpenAI-compatible
+    server.
 
     ``settings``: the remote engine's (``GAZECAM_REMOTE_*``); unset: ``local``'s.
     ``local``: the text engine, for counting tokens (the prompt's bounds are the local

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from gazecam import __version__
-from gazecam.assistant import AssistantSettings, Engines, load_engines, load_task
+from gazecam.assist.assistant import AssistantSettings, Engines, load_engines, load_task
 from gazecam.llm.settings import LLMSettings
 from gazecam.models import ModelSettings
 from gazecam.server.chat import router as openai_compatible

@@ -28,7 +28,7 @@ from fastapi import APIRouter, Request
 from fastapi.sse import EventSourceResponse, format_sse_event
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from gazecam.assistant import Answer
+from gazecam.assist.assistant import Answer
 from gazecam.server.deps import MetricsDep, RateLimiterDep, RuntimeDep, SettingsDep, TokenChecked
 from gazecam.server.errors import (
     ClientError,

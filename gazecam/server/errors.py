@@ -20,9 +20,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gazecam.assistant import QuestionError
+from gazecam.assist.assistant import QuestionError
+from gazecam.assist.tasks import CardTooLargeError
 from gazecam.errors import ConfigError, GazecamError
-from gazecam.tasks import CardTooLargeError
 
 logger = logging.getLogger("gazecam.server")
 

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
-from gazecam.capture import Capture, CaptureResult, capture
+from gazecam.capture.pipeline import Capture, CaptureResult, capture
 from gazecam.errors import GazecamError
 from gazecam.records import Crop, MatchedFrame, SourceEvent, SourceInfo
 from gazecam.server.settings import ServerSettings

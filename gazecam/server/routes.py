@@ -17,10 +17,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from gazecam.assist.tasks import MAX_STEP_PHOTOS, MAX_STEPS, TaskCard
 from gazecam.server.deps import MetricsDep, RuntimeDep, SettingsDep, TokenChecked, get_settings
 from gazecam.server.errors import ClientError, error_responses
 from gazecam.server.protocol import EventMessage
-from gazecam.tasks import MAX_STEP_PHOTOS, MAX_STEPS, TaskCard
 
 STATIC_DIR = Path(__file__).parent / "static"
 

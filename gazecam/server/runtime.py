@@ -40,8 +40,10 @@ from typing import Any
 
 import cv2
 
-from gazecam.answers import Conversation
-from gazecam.assistant import Answer, Assistant, AssistantSettings, Engines, crop_json
+from gazecam.assist.answers import Conversation
+from gazecam.assist.assistant import Answer, Assistant, AssistantSettings, Engines, crop_json
+from gazecam.assist.steps import StepEstimate
+from gazecam.assist.tasks import TaskCard
 from gazecam.records import Crop, SourceEvent
 from gazecam.server.errors import ClientError
 from gazecam.server.pipeline import Pipeline, PipelineStats
@@ -50,8 +52,6 @@ from gazecam.settings import CaptureSettings, SourceSettings
 from gazecam.sources import check_address, open_source
 from gazecam.sources.base import Source
 from gazecam.sources.looped import LoopedSource
-from gazecam.steps import StepEstimate
-from gazecam.tasks import TaskCard
 
 logger = logging.getLogger("gazecam.server")
 

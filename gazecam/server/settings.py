@@ -1,7 +1,7 @@
 """The service's own settings: what it serves, where it listens, who may use it, and its limits.
 
 Capture, source, assistant and model settings are the ones every command reads
-(``gazecam.settings``, ``gazecam.assistant``, ...); this model holds only what is the
+(``gazecam.settings``, ``gazecam.assist.assistant``, ...); this model holds only what is the
 service's. Unsafe combinations are refused, not warned about: listening beyond this machine
 without a token, or with a token short enough to guess.
 """
@@ -14,8 +14,8 @@ import socket
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gazecam.assist.tasks import MAX_CARD_BYTES
 from gazecam.sources import check_address
-from gazecam.tasks import MAX_CARD_BYTES
 
 MIN_TOKEN_CHARS = 16
 

@@ -17,8 +17,8 @@ from typing import Any
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
-from gazecam.answers import Conversation
-from gazecam.assistant import Answer
+from gazecam.assist.answers import Conversation
+from gazecam.assist.assistant import Answer
 from gazecam.server.deps import MetricsDep, OpenWebSocket, RateLimiterDep, RuntimeDep, SettingsDep
 from gazecam.server.errors import ClientError, client_error
 from gazecam.server.metrics import Metrics

@@ -48,7 +48,7 @@ from gazecam.sources.csv_table import (
     parse_worn,
     read_csv,
 )
-from gazecam.video import decode_frames, probe_video
+from gazecam.sources.video import decode_frames, probe_video
 
 log = logging.getLogger(__name__)
 

@@ -38,11 +38,11 @@ from numpy.typing import NDArray
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gazecam.assist.memory import MemoryRegion, MemorySettings
 from gazecam.errors import MissingDependencyError
 from gazecam.llm.decoder import FORMAT_VERSION, EngineInfo, LanguageModel, UnitGroup
 from gazecam.llm.settings import LLMSettings
 from gazecam.llm.tokenizer import Special
-from gazecam.memory import MemoryRegion, MemorySettings
 from gazecam.models import ModelError, ModelSettings
 from gazecam.records import Box, Crop
 from gazecam.vlm.checkpoint import SmolVLMCheckpoint

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from gazecam.assistant import Answer, Assistant, Engines, load_engines, load_task
-from gazecam.bench_remote import RecordedPerception, keyframes
+from gazecam.assist.assistant import Answer, Assistant, Engines, load_engines, load_task
+from gazecam.bench.remote import RecordedPerception, keyframes
 from gazecam.cli import main
 from gazecam.llm.remote import THUMBNAIL_PX, RemoteError, RemoteModel
 from gazecam.llm.settings import LLMSettings
@@ -235,7 +235,7 @@ def test_the_service_streams_remote_answers_and_marks_fallbacks(
 ):
     from fastapi.testclient import TestClient
 
-    from gazecam.assistant import AssistantSettings
+    from gazecam.assist.assistant import AssistantSettings
     from gazecam.server.app import create_app
     from gazecam.server.settings import ServerSettings
     from gazecam.settings import SourceSettings
@@ -273,7 +273,7 @@ def test_the_service_streams_remote_answers_and_marks_fallbacks(
 
 
 def test_the_multi_wearer_bench_loses_no_answer(llama: str, tmp_path: Path):
-    from gazecam.bench_remote import run
+    from gazecam.bench.remote import run
 
     llm = LLMSettings(engine="remote", remote_url=llama, remote_images="off")
     report = run("synthetic:demo", "demo", [1, 2], 1, tmp_path / "r.json", llm, ModelSettings())

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from engines.efficientnet_onnx import BN_EPS, INPUT_MEAN, INPUT_STD, STAGES, read_state_dict
+from gazecam.capture.crop import make_crop as crop_around_gaze
 from gazecam.cli import main
-from gazecam.crop import make_crop as crop_around_gaze
 from gazecam.models import MODELS, ModelError, ModelSettings, fetch
 from gazecam.perception import PerceptionSettings, create_perception
 from gazecam.perception.classifier import (

@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from gazecam.crop import make_crop as crop_around_gaze
+from gazecam.capture.crop import make_crop as crop_around_gaze
 from gazecam.errors import ConfigError
 from gazecam.perception import (
     AUTO_PROVIDERS,

@@ -21,13 +21,13 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from gazecam.assistant import AssistantSettings, Engines
+from gazecam.assist.assistant import AssistantSettings, Engines
+from gazecam.assist.tasks import load_task_card
 from gazecam.llm import LanguageModel, LLMSettings
 from gazecam.perception import create_perception
 from gazecam.server.app import WS_TRANSPORT_MAX_BYTES, create_app
 from gazecam.server.settings import ServerSettings
 from gazecam.settings import SourceSettings
-from gazecam.tasks import load_task_card
 from tests.conftest import REPO
 from tests.perception import require_models
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from gazecam.assistant import AssistantSettings, Engines, load_engines
+from gazecam.assist.assistant import AssistantSettings, Engines, load_engines
 from gazecam.llm import LLMSettings
 from gazecam.models import ModelSettings
 from gazecam.server.app import create_app

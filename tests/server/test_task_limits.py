@@ -10,11 +10,11 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from gazecam.assistant import AssistantSettings
+from gazecam.assist.assistant import AssistantSettings
+from gazecam.assist.tasks import MAX_STEPS
 from gazecam.server.runtime import Runtime
-from gazecam.tasks import MAX_STEPS
+from tests.assist.test_tasks import long_card_yaml
 from tests.server.conftest import DEMO_CARD, LOCAL, WS, card_upload, first_crop
-from tests.test_tasks import long_card_yaml
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from gazecam.tasks import MAX_PHOTO_SIDE_PX
+from gazecam.assist.tasks import MAX_PHOTO_SIDE_PX
 from tests.server.conftest import DEMO_CARD, LOCAL, card_upload, first_crop
 
 UPLOAD_LIMIT = 200_000  # the demo card and its six photos take about 110 kB

@@ -20,7 +20,7 @@ from pupil_labs.realtime_api.device import Device
 from pupil_labs.realtime_api.streaming import receive_gaze_data, receive_video_frames
 from pupil_labs.realtime_api.time_echo import TimeOffsetEstimator
 
-from gazecam.capture import CaptureResult, capture
+from gazecam.capture.pipeline import CaptureResult, capture
 from gazecam.records import GazeSample, SceneFrame, SourceInfo, SourceItem
 from gazecam.settings import CaptureSettings
 from gazecam.simulate.neon_simulator import NeonSimulator, SimulatorSettings

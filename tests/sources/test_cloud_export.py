@@ -29,7 +29,7 @@ from gazecam.settings import SourceSettings
 from gazecam.sources import open_source
 from gazecam.sources.base import item_time_ns
 from gazecam.sources.cloud_export import CloudExportSource
-from gazecam.video import VideoWriter
+from gazecam.sources.video import VideoWriter
 
 T = TypeVar("T")
 WIDTH_PX, HEIGHT_PX = 320, 240

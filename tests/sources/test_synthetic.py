@@ -19,7 +19,7 @@ from gazecam.sources.synthetic import (
     demo_photo,
     read_frame_code,
 )
-from gazecam.video import VideoWriter, decode_frames
+from gazecam.sources.video import VideoWriter, decode_frames
 from tests.conftest import REPO
 
 

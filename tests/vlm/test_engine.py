@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gazecam.assistant import load_engines
+from gazecam.assist.assistant import load_engines
+from gazecam.assist.memory import MemorySettings
 from gazecam.cli import main
 from gazecam.llm import LLMSettings
 from gazecam.llm.decoder import GenerationStats, LanguageModel
-from gazecam.memory import MemorySettings
 from gazecam.models import ModelSettings
 from gazecam.records import BGRImage, Box
 from gazecam.sources.synthetic import DemoScene

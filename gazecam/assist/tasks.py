@@ -19,7 +19,7 @@ else (``step.set:2`` is the second step, and so is ``steps.2``).
 
 A card has at most ``MAX_STEPS`` steps, and its name and titles are short: they are said in
 answers' fact sentences, and the assistant's context must hold every step of the card at
-least by the start of its title (``gazecam.context.context_text``). A card over one of these
+least by the start of its title (``gazecam.assist.context.context_text``). A card over one of these
 limits is refused as too large (``CardTooLargeError``). Instructions may be of any length: the
 assistant cuts them to fit its context budget. The YAML may nest at most ``MAX_YAML_DEPTH``
 levels and may not use aliases (``*name``): a card needs neither, and both could otherwise

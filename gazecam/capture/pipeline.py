@@ -12,9 +12,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from gazecam.crop import KeyframeSelector, gaze_on_frame, make_crop
+from gazecam.capture.crop import KeyframeSelector, gaze_on_frame, make_crop
+from gazecam.capture.fixations import FixationTracker, GazeAngles
+from gazecam.capture.sync import FrameMatcher
 from gazecam.errors import ConfigError
-from gazecam.fixations import FixationTracker, GazeAngles
 from gazecam.records import (
     Crop,
     Fixation,
@@ -27,7 +28,6 @@ from gazecam.records import (
 )
 from gazecam.settings import CaptureSettings
 from gazecam.sources.base import Source
-from gazecam.sync import FrameMatcher
 
 
 @dataclass(frozen=True, slots=True)

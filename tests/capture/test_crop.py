@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gazecam.crop import KeyframeSelector, box_for, crop_box, gaze_on_frame, make_crop
+from gazecam.capture.crop import KeyframeSelector, box_for, crop_box, gaze_on_frame, make_crop
 from gazecam.records import Box, GazeStatus, MatchedFrame, SceneFrame
 
 MS = 1_000_000

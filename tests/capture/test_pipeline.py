@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gazecam.capture import Capture, CaptureResult, FrameResult, capture
-from gazecam.crop import box_for
+from gazecam.capture.crop import box_for
+from gazecam.capture.pipeline import Capture, CaptureResult, FrameResult, capture
 from gazecam.errors import ConfigError
 from gazecam.records import (
     Box,

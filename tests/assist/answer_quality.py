@@ -1,7 +1,7 @@
 """The answer-quality suite: question wordings per intent, the facts each answer must state,
 and the accuracy per intent.
 
-``python -m tests.answer_quality [text|vlm]`` replays the 60 s synthetic demo and prints the
+``python -m tests.assist.answer_quality [text|vlm]`` replays the 60 s synthetic demo and prints the
 accuracy per intent at three moments (mid-step 2, 4 and 6); the vlm engine is the tiny
 random-weight SmolVLM (needs the vlm-build extra), whose fact answers must be the text
 engine's.
@@ -16,9 +16,9 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from gazecam.answers import CANT_TELL, Conversation, Intent
-from gazecam.assistant import Answer, Assistant
-from gazecam.capture import CaptureResult, capture
+from gazecam.assist.answers import CANT_TELL, Conversation, Intent
+from gazecam.assist.assistant import Answer, Assistant
+from gazecam.capture.pipeline import CaptureResult, capture
 from gazecam.records import SourceEvent
 from gazecam.settings import CaptureSettings
 from gazecam.sources import Source
@@ -263,7 +263,7 @@ async def replay(
 
 def main(engine: str = "text") -> None:
     """Print the per-intent accuracy on the 60 s demo with ``engine``'s answers."""
-    from gazecam.assistant import AssistantSettings, load_engines, load_task
+    from gazecam.assist.assistant import AssistantSettings, load_engines, load_task
     from gazecam.llm import LLMSettings
     from gazecam.settings import SourceSettings
     from gazecam.sources import open_source

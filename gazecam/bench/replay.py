@@ -34,8 +34,8 @@ from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import CliPositionalArg
 from tqdm import tqdm
 
-from gazecam.capture import Capture, FrameResult
-from gazecam.crop import make_crop
+from gazecam.capture.crop import make_crop
+from gazecam.capture.pipeline import Capture, FrameResult
 from gazecam.errors import ConfigError
 from gazecam.llm.settings import (
     ENGINE_HELP,
@@ -52,10 +52,10 @@ from gazecam.settings import CaptureSettings, Pace, SourceSettings
 from gazecam.sources import Source, open_source
 
 if TYPE_CHECKING:
-    from gazecam.assistant import Assistant
+    from gazecam.assist.assistant import Assistant
+    from gazecam.assist.tasks import TaskCard
     from gazecam.llm.decoder import LanguageModel
     from gazecam.llm.kv import KVCache
-    from gazecam.tasks import TaskCard
 
 Mode = Literal["full", "center", "gaze", "gaze-sparse"]
 MODES: tuple[Mode, ...] = get_args(Mode)
@@ -66,7 +66,7 @@ MODE_SPECS: dict[Mode, tuple[CropMode, bool]] = {
     "gaze": ("gaze", True),
     "gaze-sparse": ("gaze", False),
 }
-# Asked in turn. Each routes to facts (gazecam.answers), whose sentence is the answer's first
+# Asked in turn. Each routes to facts (gazecam.assist.answers), whose sentence is the answer's first
 # piece (facts_ms: looked up, not generated); the model then continues it, which times the
 # decoder (ttft_ms, tpot_ms) as before.
 QUESTIONS = ("What step am I on?", "What should I do now?", "What's next?", "What am I looking at?")
@@ -117,7 +117,7 @@ class BenchCommand(BaseModel):
 
     def cli_cmd(self) -> None:
         """Run the command."""
-        from gazecam import bench_report
+        from gazecam.bench import report as bench_report
 
         baseline = None
         if self.check is not None:  # a bad baseline fails now, not after minutes of measuring
@@ -126,7 +126,7 @@ class BenchCommand(BaseModel):
         schedule = self.at or self.asks
         llm, models = engine_settings(self.engine, self.vlm, self.remote_url, self.remote_model)
         if llm.engine == "remote":
-            from gazecam import bench_remote
+            from gazecam.bench import remote as bench_remote
 
             bench_remote.run(self.source, self.task, self.clients, self.asks, self.out, llm, models)
             return
@@ -268,7 +268,7 @@ class Harness:
 
     def ask(self, t_s: float, truth: int | None) -> None:
         """Every mode answers the same question; time its prompt, tokens and whole answer."""
-        from gazecam.assistant import Answer
+        from gazecam.assist.assistant import Answer
 
         question = QUESTIONS[self.asked % len(QUESTIONS)]
         self.asked += 1
@@ -343,8 +343,8 @@ async def run_bench(
     ``llm``/``models``: the answer engine (``llm.engine``, the vlm engine's checkpoint); a vlm
     engine asked for by name that cannot load is an error, not a fallback.
     """
-    from gazecam import bench_report
-    from gazecam.assistant import Assistant, load_engines, load_task
+    from gazecam.assist.assistant import Assistant, load_engines, load_task
+    from gazecam.bench import report as bench_report
     from gazecam.llm.remote import RemoteModel
 
     started = time.perf_counter()
@@ -352,7 +352,7 @@ async def run_bench(
     engines = load_engines(llm, models)
     perception, lm = engines.perception, engines.model
     if isinstance(lm, RemoteModel):
-        raise ConfigError("bench: the remote engine has its own bench (gazecam.bench_remote)")
+        raise ConfigError("bench: the remote engine has its own bench (gazecam.bench.remote)")
     runs = []
     for mode in modes:
         crop_mode, dense = MODE_SPECS[mode]

@@ -5,17 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from gazecam.assist.steps import StepEstimate, StepSettings, StepTracker, transition_matrix
+from gazecam.assist.tasks import Cues, Step, TaskCard
 from gazecam.errors import ConfigError
 from gazecam.records import Box, Region, RegionKind
 from gazecam.sources.synthetic import DEMO_PANELS
-from gazecam.steps import StepEstimate, StepSettings, StepTracker, transition_matrix
-from gazecam.tasks import Cues, Step, TaskCard
 
 S_NS = 1_000_000_000
 T0_NS = 1_760_000_000_000_000_000
 
 # The numbers below were worked out for this evidence model; the defaults are tuned on the
-# synthetic demo (tests/test_assistant.py checks the tracker's accuracy there).
+# synthetic demo (tests/assist/test_assistant.py checks the tracker's accuracy there).
 SETTINGS = StepSettings(step_evidence_half_life_s=3.0, step_evidence_gain=2.0)
 
 

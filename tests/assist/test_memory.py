@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from gazecam.memory import MemorySettings, VisualMemory, describe
+from gazecam.assist.memory import MemorySettings, VisualMemory, describe
 from gazecam.records import Box, Region
 
 S = 1_000_000_000

@@ -1,6 +1,6 @@
 """Answers grounded in facts: routing, the facts each intent states, the checker of the model's
-continuation, and the answer-quality suite (tests/answer_quality.py) on the synthetic demo, on
-the recorded neon-demo procedure and with the vlm engine."""
+continuation, and the answer-quality suite (tests/assist/answer_quality.py) on the synthetic
+demo, on the recorded neon-demo procedure and with the vlm engine."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gazecam.answers import (
+from gazecam.assist.answers import (
     CANT_TELL,
     Conversation,
     RoutedAnswer,
@@ -19,18 +19,18 @@ from gazecam.answers import (
     route,
     supported,
 )
-from gazecam.assistant import Answer, Assistant, AssistantSettings
+from gazecam.assist.assistant import Answer, Assistant, AssistantSettings
+from gazecam.assist.memory import MemoryRegion
+from gazecam.assist.steps import StepEstimate
+from gazecam.assist.tasks import TaskCard, load_task_card
 from gazecam.llm import LanguageModel
-from gazecam.memory import MemoryRegion
 from gazecam.models import ModelSettings
 from gazecam.perception import Perception, create_perception
 from gazecam.records import Box, Region, SourceEvent
 from gazecam.settings import SourceSettings
 from gazecam.sources import open_source
 from gazecam.sources.synthetic import START_NS, SyntheticSource
-from gazecam.steps import StepEstimate
-from gazecam.tasks import TaskCard, load_task_card
-from tests.answer_quality import (
+from tests.assist.answer_quality import (
     CANT_TELL_QUESTIONS,
     WORDINGS,
     Graded,
@@ -42,7 +42,7 @@ from tests.answer_quality import (
 )
 from tests.perception import require_models
 
-DEMO = load_task_card(Path(__file__).parents[1] / "gazecam" / "data" / "demo_task.yaml")
+DEMO = load_task_card(Path(__file__).parents[2] / "gazecam" / "data" / "demo_task.yaml")
 # The issue's 4-step maintenance procedure.
 VALVE = TaskCard.model_validate(
     {

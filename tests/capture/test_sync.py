@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gazecam.records import GazeSample, SceneFrame
-from gazecam.sync import (
+from gazecam.capture.sync import (
     STATUS_NO_GAZE,
     STATUS_NOT_WORN,
     STATUS_OK,
@@ -14,6 +13,7 @@ from gazecam.sync import (
     GazeBuffer,
     match_frames,
 )
+from gazecam.records import GazeSample, SceneFrame
 from tests.conftest import NEON_DEMO, SCENE_TIME, missing
 
 MS = 1_000_000

@@ -25,10 +25,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from gazecam.memory import MemoryRegion
+from gazecam.assist.memory import MemoryRegion
+from gazecam.assist.steps import StepEstimate
+from gazecam.assist.tasks import TaskCard, normalise_cue
 from gazecam.records import Region
-from gazecam.steps import StepEstimate
-from gazecam.tasks import TaskCard, normalise_cue
 
 CANT_TELL = "I can't tell from what I've seen."
 Intent = Literal[

@@ -13,8 +13,8 @@ from typing import Any
 import cv2
 import pytest
 
-from gazecam import bench
-from gazecam.bench_report import METRICS, TARGETS
+from gazecam.bench import replay as bench
+from gazecam.bench.report import METRICS, TARGETS
 from gazecam.cli import main
 from tests.conftest import use_tiny_smolvlm
 from tests.perception import require_models

@@ -10,7 +10,7 @@ import pydantic
 import pytest
 from tokenizers import Tokenizer
 
-from gazecam.assistant import (
+from gazecam.assist.assistant import (
     MIN_CONTEXT_TOKENS,
     REGION_MAX_TOKENS,
     STEP_PROMPT_MAX_TOKENS,
@@ -23,27 +23,27 @@ from gazecam.assistant import (
     cut,
     longest_fit,
 )
-from gazecam.bench import QUESTIONS
-from gazecam.capture import CaptureResult, capture
+from gazecam.assist.memory import MemorySettings
+from gazecam.assist.tasks import MAX_STEPS, CardTooLargeError, TaskCard, load_task_card
+from gazecam.bench.replay import QUESTIONS
+from gazecam.capture.pipeline import CaptureResult, capture
 from gazecam.cli import main
 from gazecam.errors import ConfigError
 from gazecam.llm import LanguageModel, LLMSettings
 from gazecam.llm.decoder import LOCAL_RESERVE
 from gazecam.llm.tokenizer import ChatFormat, ChatTokenizer, Prompt, Special
-from gazecam.memory import MemorySettings
 from gazecam.perception import Perception, create_perception
 from gazecam.records import SourceEvent
 from gazecam.settings import CaptureSettings, SourceSettings
 from gazecam.sources import open_source
 from gazecam.sources.synthetic import START_NS, SyntheticSource
-from gazecam.tasks import MAX_STEPS, CardTooLargeError, TaskCard, load_task_card
+from tests.assist.test_tasks import long_card_yaml
 from tests.perception import require_models
-from tests.test_tasks import long_card_yaml
 
 CHATML = ChatFormat("chatml")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"  # what the text engine's answers name
 
-CARD = load_task_card(Path(__file__).parents[1] / "gazecam" / "data" / "demo_task.yaml")
+CARD = load_task_card(Path(__file__).parents[2] / "gazecam" / "data" / "demo_task.yaml")
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,13 @@ as its own KV group, all before anyone asks. An ask then only prefills the quest
 decodes, attending to the context, the top-k regions and its own tokens.
 
 Every fact in an answer comes from the card, the tracker, perception or the memory, never from
-the model's imagination: ``gazecam.answers`` routes the question and states its facts in a fixed
-sentence, streamed at once; the model continues it, and its continuation is kept only where it
-says nothing the sentence does not (see ``gazecam.answers``).
+the model's imagination: ``gazecam.assist.answers`` routes the question and states its facts in
+a fixed sentence, streamed at once; the model continues it, and its continuation is kept only
+where it says nothing the sentence does not (see ``gazecam.assist.answers``).
 
 Every piece of text the model gets has a bound in tokens, so that the context, a full memory
 and an ask always fit the model's positions: the task card takes at most
-``context_max_tokens`` (see ``gazecam.context``), each region line at most
+``context_max_tokens`` (see ``gazecam.assist.context``), each region line at most
 ``REGION_MAX_TOKENS``, and the current step's line in the ask prompt and the fact sentence the
 model continues at most ``STEP_PROMPT_MAX_TOKENS`` each (a longer sentence stands alone); the
 question, that line, the sentence and the answer share the model's ``LOCAL_RESERVE``.
@@ -34,8 +34,11 @@ from numpy.typing import NDArray
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gazecam import answers
-from gazecam.context import context_text, cut, longest_fit
+from gazecam.assist import answers
+from gazecam.assist.context import context_text, cut, longest_fit
+from gazecam.assist.memory import MemoryRegion, MemorySettings, VisualMemory
+from gazecam.assist.steps import StepEstimate, StepSettings, StepTracker
+from gazecam.assist.tasks import TaskCard, load_task_card
 from gazecam.errors import ConfigError, GazecamError
 from gazecam.llm.decoder import (
     LOCAL_RESERVE,
@@ -46,12 +49,9 @@ from gazecam.llm.decoder import (
 )
 from gazecam.llm.settings import LLMSettings
 from gazecam.llm.tokenizer import ChatFormat, Prompt
-from gazecam.memory import MemoryRegion, MemorySettings, VisualMemory
 from gazecam.models import ModelError, ModelSettings, fetch
 from gazecam.perception import Perception
 from gazecam.records import Crop, Region, SourceEvent
-from gazecam.steps import StepEstimate, StepSettings, StepTracker
-from gazecam.tasks import TaskCard, load_task_card
 
 if TYPE_CHECKING:
     from gazecam.llm.remote import RemoteModel
@@ -64,7 +64,7 @@ ASSISTANT_MODELS = (
     "smollm2-135m-gguf",
 )
 logger = logging.getLogger(__name__)
-BUNDLED_TASKS = {"demo": Path(__file__).parent / "data" / "demo_task.yaml"}
+BUNDLED_TASKS = {"demo": Path(__file__).parents[1] / "data" / "demo_task.yaml"}
 # The current step's "title. instruction" in the ask prompt: a sentence or two.
 STEP_PROMPT_MAX_TOKENS = 128
 # The least context budget that holds any card: MAX_STEPS step lines cut to their first

@@ -10,9 +10,7 @@ import numpy as np
 import pydantic
 import pytest
 
-from gazecam.errors import ConfigError
-from gazecam.server.settings import ServerSettings
-from gazecam.tasks import (
+from gazecam.assist.tasks import (
     MAX_CARD_BYTES,
     MAX_PHOTO_BYTES,
     MAX_PHOTO_SIDE_PX,
@@ -24,6 +22,8 @@ from gazecam.tasks import (
     load_task_card,
     normalise_cue,
 )
+from gazecam.errors import ConfigError
+from gazecam.server.settings import ServerSettings
 
 VALID = """\
 name: Replace the fuse

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from gazecam.fixations import FixationTracker, GazeAngles, angle_deg
+from gazecam.capture.fixations import FixationTracker, GazeAngles, angle_deg
 from gazecam.records import CameraIntrinsics, Fixation, GazeSample
 from gazecam.settings import CaptureSettings
 from gazecam.sources.synthetic import DemoScene

@@ -13,16 +13,16 @@ import pytest
 import yaml
 from numpy.typing import NDArray
 
-from gazecam.assistant import BUNDLED_TASKS, Assistant
-from gazecam.capture import CaptureResult, capture
+from gazecam.assist.assistant import BUNDLED_TASKS, Assistant
+from gazecam.assist.steps import StepSettings, StepTracker
+from gazecam.assist.tasks import TaskCard, load_task_card
+from gazecam.capture.pipeline import CaptureResult, capture
 from gazecam.llm import LanguageModel
 from gazecam.perception import PerceptionSettings, create_perception
 from gazecam.perception.classifier import ImageClassifier, create_image_encoder
 from gazecam.settings import CaptureSettings, SourceSettings
 from gazecam.sources import open_source
 from gazecam.sources.synthetic import START_NS, DemoScene, SyntheticSource
-from gazecam.steps import StepSettings, StepTracker
-from gazecam.tasks import TaskCard, load_task_card
 from tests.perception import require_models
 
 DEMO_DIR = BUNDLED_TASKS["demo"].parent
@@ -140,7 +140,7 @@ def test_without_an_encoder_a_card_s_photos_are_said_to_be_ignored(
     models = require_models("ppocr-det", "ppocr-rec", "yolox-nano")
     perception = create_perception(PerceptionSettings(classifier_enabled=False), models)
     assert perception.classifier is None
-    with caplog.at_level(logging.WARNING, logger="gazecam.assistant"):
+    with caplog.at_level(logging.WARNING, logger="gazecam.assist.assistant"):
         assistant = Assistant(DEMO_CARD, perception, real_lm)
     assert not assistant.tracker.uses_photos
     assert assistant.warning == (

@@ -34,9 +34,9 @@ from numpy.typing import NDArray
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gazecam.assist.tasks import TaskCard, normalise_cue
 from gazecam.errors import ConfigError
 from gazecam.records import BGRImage, Region
-from gazecam.tasks import TaskCard, normalise_cue
 
 
 class StepSettings(BaseSettings):
@@ -82,8 +82,8 @@ class StepSettings(BaseSettings):
         description="Log-likelihood a step gains per unit of evidence (one full-confidence cue "
         "at the gaze point is one unit).",
     )
-    # Measured on the demo (EfficientNet-Lite0, tests/test_photo_cues.py): the best step's photo
-    # beats the second by 0.02-0.36 (5th-95th percentile), and the tracker's accuracy on the
+    # Measured on the demo (EfficientNet-Lite0, tests/assist/test_photo_cues.py): the best step's
+    # photo beats the second by 0.02-0.36 (5th-95th percentile), and the tracker's accuracy on the
     # textless demo is the same (0.88) from 0.01 to 0.03 and lower from 0.05 on.
     step_photo_temperature: float = Field(
         0.03,

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 
 import gazecam
-import gazecam.recorder
+import gazecam.sources.recorder
 from gazecam.errors import ConfigError, DeviceUnreachableError, SourceError
-from gazecam.recorder import RecordSummary, record
 from gazecam.records import Fixation, GazeSample, SceneFrame, SourceEvent, SourceInfo, SourceItem
 from gazecam.sources.base import SourceStats
 from gazecam.sources.cloud_export import CloudExportSource
-from gazecam.video import decode_frames
+from gazecam.sources.recorder import RecordSummary, record
+from gazecam.sources.video import decode_frames
 from tests.sources.test_cloud_export import (
     CAMERA_MATRIX,
     EVENTS,
@@ -133,7 +133,7 @@ async def test_what_is_on_disk_while_recording_replays(
 ) -> None:
     """At every frame, the folder as it is on disk is a consistent recording: each frame that
     world_timestamps.csv lists is in the video, every gaze row is there, info.json is current."""
-    monkeypatch.setattr(gazecam.recorder, "_FLUSH_INTERVAL_S", 0.0)
+    monkeypatch.setattr(gazecam.sources.recorder, "_FLUSH_INTERVAL_S", 0.0)
     export = write_export(tmp_path / "export", frames=70)
     out = tmp_path / "recorded"
     listed_during: list[int] = []

@@ -28,11 +28,11 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gazecam import __version__
+from gazecam.capture.fixations import GazeAngles
 from gazecam.errors import ConfigError, SourceError
-from gazecam.fixations import GazeAngles
 from gazecam.records import Fixation, GazeSample, SceneFrame, SourceInfo, SourceItem
 from gazecam.sources.base import Source, item_time_ns
-from gazecam.video import VideoWriter
+from gazecam.sources.video import VideoWriter
 
 if TYPE_CHECKING:
     from _csv import Writer as CsvWriter

@@ -1,8 +1,8 @@
 """The always-kept context: the assistant's role and the task card, cut to a token budget.
 
 Pure functions of the card and a ``fits`` test (the tokenizer's count against the budget), so
-that a long card degrades evenly instead of losing its last steps; ``gazecam.assistant`` keeps
-the result in the language model's KV cache once per card.
+that a long card degrades evenly instead of losing its last steps; ``gazecam.assist.assistant``
+keeps the result in the language model's KV cache once per card.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Callable
 
-from gazecam.tasks import CardTooLargeError, TaskCard
+from gazecam.assist.tasks import CardTooLargeError, TaskCard
 
 
 def cut(text: str, max_chars: int) -> str:

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gazecam.assistant import Answer, Assistant, load_engines, load_task
-from gazecam.bench_report import percentiles, write_json
-from gazecam.capture import CaptureResult, capture
+from gazecam.assist.assistant import Answer, Assistant, load_engines, load_task
+from gazecam.bench.report import percentiles, write_json
+from gazecam.capture.pipeline import CaptureResult, capture
 from gazecam.errors import ConfigError, GazecamError
 from gazecam.llm.remote import RemoteModel
 from gazecam.llm.settings import LLMSettings

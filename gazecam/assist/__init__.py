@@ -1,0 +1,1 @@
+"""The assistant: task cards, step tracking, visual memory, answers grounded in facts."""

@@ -1,0 +1,1 @@
+"""``gazecam bench``: latency per stage over a replayed recording, and its report."""

@@ -1,0 +1,1 @@
+"""Capture: source items in; matched frames, fixations, keyframes and crops out."""
