@@ -24,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import glob
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -146,6 +147,16 @@ CHECKPOINTS = {
     "smolvlm-500m": "HuggingFaceTB/SmolVLM-500M-Instruct",
 }
 CHECKPOINT_LICENCE = "Apache-2.0 (Hugging Face SmolVLM)"
+
+
+def is_conversion(folder: Path, format_version: int) -> bool:
+    """Whether ``folder`` holds a converted ``model.onnx`` whose ``config.json`` says it is of
+    ``format_version`` (a conversion of another version, or a broken one, is redone)."""
+    try:
+        version = json.loads((folder / "config.json").read_text())["format_version"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return bool(version == format_version and (folder / "model.onnx").is_file())
 
 
 def sha256_of(path: Path) -> str:

@@ -247,14 +247,14 @@ def answer(question: Route, now: Situation, previous: RoutedAnswer | None = None
             f"The step tracker puts you on step {i} of {n}, {step.title}, "
             f"with {step.confidence:.0%} confidence."
         )
-        return RoutedAnswer("step_confidence", sentence, ("tracker", "card"), i)
+        return _step_answer("step_confidence", sentence, i)
     if question.intent == "time_on_step":
         if now.time_on_step_s is None:
             return cant_tell("time_on_step")
         sentence = (
             f"You have been on step {i} of {n}, {step.title}, for {now.time_on_step_s:.0f} s."
         )
-        return RoutedAnswer("time_on_step", sentence, ("tracker", "card"), i)
+        return _step_answer("time_on_step", sentence, i)
     if question.intent in ("looking_at", "read"):
         return _perceived(question.intent, now)
     if question.intent == "seen":
@@ -346,7 +346,8 @@ def _seen(question: Route, now: Situation) -> RoutedAnswer:
     window_s = min(question.within_s or now.horizon_s, now.horizon_s)
     if now.now_ns is None:
         return cant_tell("seen")
-    forms = {normalise_cue(question.thing), normalise_cue(question.thing).removesuffix("s")}
+    thing = normalise_cue(question.thing)
+    forms = {thing, thing.removesuffix("s")}
     since_ns = now.now_ns - window_s * 1e9
     sightings = [
         m.region

@@ -51,7 +51,7 @@ from gazecam.llm.sampling import sample, stream_piece
 from gazecam.llm.settings import LLMSettings
 from gazecam.llm.sparse import region_scores, select
 from gazecam.llm.tokenizer import ChatTokenizer, Prompt, chat_format, region_prompt
-from gazecam.models import ModelError, ModelSettings, model_path
+from gazecam.models import ModelError, ModelSettings, is_conversion, model_path
 from gazecam.records import Crop
 
 EMBEDDINGS = "embed_tokens.npz"  # as engines.smollm2_onnx writes it
@@ -151,11 +151,7 @@ def converted_model_dir(settings: LLMSettings, models: ModelSettings) -> Path:
     if settings.llm_model_dir is not None:
         return settings.llm_model_dir
     out = models.models_dir / CONVERTED_NAME
-    try:
-        version = json.loads((out / "config.json").read_text())["format_version"]
-    except (OSError, ValueError, KeyError):
-        version = None
-    if version == FORMAT_VERSION and (out / "model.onnx").is_file():
+    if is_conversion(out, FORMAT_VERSION):
         return out
     gguf_path = model_path("smollm2-135m-gguf", models)
     try:

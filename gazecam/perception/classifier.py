@@ -27,7 +27,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gazecam.errors import MissingDependencyError
-from gazecam.models import ModelError, ModelSettings, model_path
+from gazecam.models import ModelError, ModelSettings, is_conversion, model_path
 from gazecam.perception import PerceptionSettings, onnx_session, to_region
 from gazecam.records import BGRImage, Crop, Region
 
@@ -47,13 +47,8 @@ def converted_model(models: ModelSettings | None = None) -> Path:
     converted from the fetched checkpoint first if missing or of another format version."""
     models = models or ModelSettings()
     for folder in [*models.model_path, models.models_dir]:
-        out = folder / CONVERTED_NAME
-        try:
-            version = json.loads((out / "config.json").read_text())["format_version"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if version == FORMAT_VERSION and (out / "model.onnx").is_file():
-            return out / "model.onnx"
+        if is_conversion(folder / CONVERTED_NAME, FORMAT_VERSION):
+            return folder / CONVERTED_NAME / "model.onnx"
     checkpoint = model_path(MODEL_NAME, models)
     try:
         from engines.efficientnet_onnx import convert
