@@ -39,6 +39,7 @@ from gazecam.server.command import ServeCommand
 from gazecam.settings import CaptureSettings, Pace, SourceSettings, settings_problem
 from gazecam.simulate.command import SimulateNeonCommand
 from gazecam.sources import check_address, open_source
+from gazecam.trt.build import EnginesCommand
 
 if TYPE_CHECKING:
     from gazecam.assist.assistant import Assistant
@@ -321,6 +322,7 @@ class Gazecam(
     models: CliSubCommand[ModelsCommand]
     bench: CliSubCommand[BenchCommand]
     simulate_neon: CliSubCommand[SimulateNeonCommand]
+    engines: CliSubCommand[EnginesCommand]
 
     def cli_cmd(self) -> None:
         """Run the chosen subcommand."""

@@ -19,8 +19,9 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gazecam.errors import ConfigError
-from gazecam.models import ModelError, ModelSettings
+from gazecam.models import ModelSettings
 from gazecam.records import Box, Crop, Percept, Region, RegionKind
+from gazecam.trt import Precision
 
 if TYPE_CHECKING:
     from gazecam.perception.classifier import ImageClassifier
@@ -79,9 +80,18 @@ class PerceptionSettings(BaseSettings):
     )
     onnx_providers: str = Field(
         "auto",
-        description="ONNX Runtime execution providers, comma-separated in order of preference "
-        "(e.g. 'CUDAExecutionProvider,CPUExecutionProvider'); 'auto': TensorRT, then CUDA, "
-        "then CPU, whichever this onnxruntime build has.",
+        description="Where the vision models run, comma-separated tiers in order of preference: "
+        "engine (the TensorRT engine of 'gazecam engines build'), tensorrt (ONNX Runtime's "
+        "TensorRT EP), cuda (its CUDA EP), cpu, or ONNX Runtime provider names "
+        "(e.g. 'CUDAExecutionProvider,CPUExecutionProvider'); 'auto': all four, best first. "
+        "A tier this machine lacks is skipped with its reason (logged, and in /v1/status); "
+        "the CPU is always the last resort.",
+    )
+    trt_precision: Precision = Field(
+        "fp16",
+        description="TensorRT precision: fp32, fp16, int8 (a calibrated engine) or best; "
+        "'gazecam engines build' builds it and the engine tier loads it (the TensorRT EP "
+        "runs FP16 unless fp32).",
     )
     onnx_threads: int = Field(
         0,
@@ -129,23 +139,18 @@ def resolve_providers(spec: str) -> list[str]:
     return wanted
 
 
-def onnx_session(path: Path, settings: PerceptionSettings) -> Any:
-    """An ``onnxruntime.InferenceSession`` for a model file; ModelError if it cannot load."""
-    import onnxruntime as ort
+def onnx_session(
+    path: Path,
+    settings: PerceptionSettings,
+    model: str | None = None,
+    models: ModelSettings | None = None,
+) -> Any:
+    """An ``onnxruntime.InferenceSession`` for a model file on the best provider tier
+    (``gazecam.trt.providers``; ``model``: the name its TensorRT engine is cached by);
+    ModelError if it cannot load."""
+    from gazecam.trt.providers import open_session
 
-    providers = resolve_providers(settings.onnx_providers)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.onnx_threads
-    # Idle worker threads sleep instead of spinning: the models run one after another, and a
-    # session's spinning threads would take the cores from the next one (on 2 cores here, a
-    # 448 crop took 60-160 ms with spinning, 35 ms without).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    # ONNX Runtime's own errors (InvalidProtobuf, NoSuchFile, ...) derive from Exception only.
-    except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path}: ONNX Runtime cannot load it ({reason})") from exc
+    return open_session(path, model, settings, models)
 
 
 def gaze_point_px(crop: Crop) -> tuple[float, float]:

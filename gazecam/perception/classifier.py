@@ -98,7 +98,7 @@ class ImageClassifier:
             raise ModelError(
                 f"{path.parent / 'config.json'}: no readable input_mean/input_std"
             ) from exc
-        self.session: Any = onnx_session(path, self.settings)
+        self.session: Any = onnx_session(path, self.settings, MODEL_NAME, models)
         self.names = class_names()
 
     def _blob(self, images: Sequence[BGRImage]) -> NDArray[np.float32]:

@@ -80,7 +80,9 @@ class ObjectDetector:
         self, settings: PerceptionSettings | None = None, models: ModelSettings | None = None
     ) -> None:
         self.settings = settings or PerceptionSettings()
-        self.session: Any = onnx_session(model_path("yolox-nano", models), self.settings)
+        self.session: Any = onnx_session(
+            model_path("yolox-nano", models), self.settings, "yolox-nano", models
+        )
         self._input_name: str = self.session.get_inputs()[0].name
         self._cells, self._strides = _grids()
 

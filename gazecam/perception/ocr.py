@@ -168,8 +168,8 @@ class TextReader:
         self.settings = settings or PerceptionSettings()
         det_path = model_path("ppocr-det", models)
         rec_path = model_path("ppocr-rec", models)
-        self.det: Any = onnx_session(det_path, self.settings)
-        self.rec: Any = onnx_session(rec_path, self.settings)
+        self.det: Any = onnx_session(det_path, self.settings, "ppocr-det", models)
+        self.rec: Any = onnx_session(rec_path, self.settings, "ppocr-rec", models)
         meta = self.rec.get_modelmeta().custom_metadata_map
         if "character" not in meta:
             raise ModelError(f"{rec_path}: no 'character' dictionary in its ONNX metadata")

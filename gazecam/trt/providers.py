@@ -1,0 +1,247 @@
+"""The runtime's provider chain: each vision model's ONNX Runtime session on the best tier the
+settings allow and this machine has, and a record of the tier it REALLY runs on.
+
+Tiers, best first: ``engine`` (the model's TensorRT engine from ``gazecam engines build``, run
+by ONNX Runtime's TensorRT EP through its EPContext wrapper), ``tensorrt`` (ONNX Runtime's
+TensorRT EP building its own engines, cached with their timing caches under the model cache),
+``cuda`` (the CUDA EP), ``cpu``. ``GAZECAM_ONNX_PROVIDERS`` names the tiers to try ('auto': all
+four); the CPU is always the last resort. A tier is skipped with a one-line reason (no GPU, no
+such provider in this onnxruntime, no or a too-old tensorrt, no engine, a stale, foreign or
+corrupt engine, a provider that failed to start); which provider a session runs on is taken
+from ``session.get_providers()``, so an ONNX Runtime that quietly drops to the CPU is reported
+as CPU. Each choice is logged once per process and kept for ``/v1/status``, ``gazecam models
+list`` and the bench report (``choices``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gazecam.errors import ConfigError
+from gazecam.models import ModelError, ModelSettings
+from gazecam.trt import EngineError, Platform, probe_platform, tensorrt_too_old
+from gazecam.trt.cache import INPUT_NAMES, InputProfile, check_engine, engine_key
+
+if TYPE_CHECKING:
+    from gazecam.perception import PerceptionSettings
+
+TIERS = ("engine", "tensorrt", "cuda", "cpu")
+TRT_EP, CUDA_EP, CPU_EP = (
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "CPUExecutionProvider",
+)
+PROVIDER_OF = {"engine": TRT_EP, "tensorrt": TRT_EP, "cuda": CUDA_EP, "cpu": CPU_EP}
+# What a setting may name: a tier, or (as before tiers) an ONNX Runtime provider.
+TIER_OF_NAME = {**{t: t for t in TIERS}, TRT_EP: "tensorrt", CUDA_EP: "cuda", CPU_EP: "cpu"}
+EP_CACHE_DIR = "trt-ep-cache"
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_choices: dict[str, ProviderChoice] = {}
+_logged: set[str] = set()
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderChoice:
+    """Where one model's session runs, and why each better tier was not used."""
+
+    model: str
+    tier: str  # engine, tensorrt, cuda or cpu: what the session really runs on
+    providers: tuple[str, ...]  # the session's get_providers()
+    skipped: tuple[tuple[str, str], ...]  # (tier, reason), best tier first
+
+    def to_json(self) -> dict[str, Any]:
+        """For /v1/status and the bench report."""
+        return {
+            "tier": self.tier,
+            "providers": list(self.providers),
+            "skipped": {tier: why for tier, why in self.skipped},
+        }
+
+    def summary(self) -> str:
+        """One line: the tier and, grouped by reason, the tiers skipped."""
+        by_reason: dict[str, list[str]] = {}
+        for tier, why in self.skipped:
+            by_reason.setdefault(why, []).append(tier)
+        skipped = "; ".join(
+            f"{', '.join(tiers)} skipped: {why}" for why, tiers in by_reason.items()
+        )
+        return f"{self.tier}" + (f" ({skipped})" if skipped else "")
+
+
+def parse_tiers(spec: str) -> list[str]:
+    """The tiers a setting names, best first, the CPU last; ConfigError for an unknown name."""
+    if spec.strip() == "auto":
+        return list(TIERS)
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TIER_OF_NAME]
+    if not names or unknown:
+        raise ConfigError(
+            f"onnx_providers={spec!r}: {', '.join(unknown) or 'none named'} unknown (known: auto, "
+            f"{', '.join(TIERS)}, or the ONNX Runtime providers {TRT_EP}, {CUDA_EP}, {CPU_EP})"
+        )
+    tiers = list(dict.fromkeys(TIER_OF_NAME[n] for n in names))
+    return tiers if "cpu" in tiers else [*tiers, "cpu"]
+
+
+def unavailable(tier: str, platform: Platform) -> str | None:
+    """Why this machine cannot run a tier at all; None where it may."""
+    if tier == "cpu":
+        return None
+    if platform.compute_capability is None:
+        return "no NVIDIA GPU found"
+    provider = PROVIDER_OF[tier]
+    if provider not in platform.ort_providers:
+        return (
+            f"this onnxruntime has no {provider} (install onnxruntime-gpu, or NVIDIA's "
+            "onnxruntime wheel on a Jetson)"
+        )
+    if tier == "engine":
+        if platform.tensorrt_version is None:
+            return "the tensorrt package is not installed (pip install 'gazecam[trt]')"
+        if tensorrt_too_old(platform.tensorrt_version):
+            return f"TensorRT {platform.tensorrt_version} is too old (10.0 or newer needed)"
+    return None
+
+
+@functools.cache
+def this_platform() -> Platform:
+    """This machine's platform, probed once per process."""
+    return probe_platform()
+
+
+def _profile_option(profiles: tuple[InputProfile, ...], which: str) -> str:
+    return ",".join(
+        f"{p.name}:{'x'.join(map(str, getattr(p, which)))}" for p in profiles if not p.fixed
+    )
+
+
+def _providers(
+    tier: str,
+    path: Path,
+    model: str | None,
+    settings: PerceptionSettings,
+    models: ModelSettings,
+    platform: Platform,
+) -> tuple[Path, list[Any]]:
+    """The model file and the providers (with options) of a tier; EngineError where the tier
+    has no valid engine for the model."""
+    cpu: list[Any] = [CPU_EP]
+    cuda: list[Any] = [CUDA_EP] if CUDA_EP in platform.ort_providers else []
+    if tier == "cpu":
+        return path, cpu
+    if tier == "cuda":
+        return path, cuda + cpu
+    profiles: tuple[InputProfile, ...] = ()
+    if model in INPUT_NAMES:
+        from gazecam.settings import CaptureSettings
+        from gazecam.trt.build import runtime_profiles
+
+        profiles = runtime_profiles(model, CaptureSettings().crop_size_px, settings)
+    if tier == "engine":
+        if model not in INPUT_NAMES:
+            raise EngineError(f"{path.name}: gazecam builds no TensorRT engine for it")
+        key = engine_key(model, path, platform, settings.trt_precision, profiles)
+        return check_engine(models.models_dir, key), [TRT_EP]
+    cache = models.models_dir / EP_CACHE_DIR / (model or path.stem)
+    options: dict[str, Any] = {
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(cache),
+        # INT8 needs a calibrated (Q/DQ) graph: that is the engine tier's; the EP runs FP16.
+        "trt_fp16_enable": settings.trt_precision != "fp32",
+    }
+    if any(not p.fixed for p in profiles):
+        options |= {
+            "trt_profile_min_shapes": _profile_option(profiles, "min_shape"),
+            "trt_profile_opt_shapes": _profile_option(profiles, "opt_shape"),
+            "trt_profile_max_shapes": _profile_option(profiles, "max_shape"),
+        }
+    return path, [(TRT_EP, options), *cuda, *cpu]
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def open_session(
+    path: Path,
+    model: str | None,
+    settings: PerceptionSettings,
+    models: ModelSettings | None = None,
+    platform: Platform | None = None,
+    create: Callable[..., Any] | None = None,
+) -> Any:
+    """A session for a model file on the best tier available (see the module's docstring);
+    ModelError where not even the CPU can load it. ``platform`` and ``create`` (the
+    ``InferenceSession`` class) are this machine's unless given (a test's fakes)."""
+    import onnxruntime as ort
+
+    models = models or ModelSettings()
+    platform = platform or this_platform()
+    create = create or ort.InferenceSession
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.onnx_threads
+    # Idle worker threads sleep instead of spinning: the models run one after another, and a
+    # session's spinning threads would take the cores from the next one (on 2 cores here, a
+    # 448 crop took 60-160 ms with spinning, 35 ms without).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    skipped: list[tuple[str, str]] = []
+    for tier in parse_tiers(settings.onnx_providers):
+        why = unavailable(tier, platform)
+        if why is None:
+            try:
+                target, providers = _providers(tier, path, model, settings, models, platform)
+                session = create(str(target), sess_options=options, providers=providers)
+            except EngineError as exc:
+                why = str(exc)
+            # ONNX Runtime's own errors (InvalidProtobuf, NoSuchFile, ...) derive from Exception.
+            except Exception as exc:
+                if tier == "cpu":
+                    raise ModelError(
+                        f"{path}: ONNX Runtime cannot load it ({_first_line(exc)})"
+                    ) from exc
+                why = f"ONNX Runtime could not start it ({_first_line(exc)})"
+            else:
+                actual = tuple(session.get_providers())
+                real = (
+                    "cpu"
+                    if not actual
+                    else next((t for t in TIERS[1:] if PROVIDER_OF[t] == actual[0]), "cpu")
+                )
+                if tier == "engine" and real == "tensorrt":
+                    real = "engine"
+                if real != tier:
+                    skipped.append((tier, f"ONNX Runtime started {actual[0]} instead"))
+                _record(ProviderChoice(model or path.stem, real, actual, tuple(skipped)))
+                return session
+        skipped.append((tier, why))
+    raise AssertionError("unreachable: the cpu tier either returns or raises")
+
+
+def _record(choice: ProviderChoice) -> None:
+    """Keep the choice, and log its fallbacks once per process (the same reasons for several
+    models: once)."""
+    with _lock:
+        _choices[choice.model] = choice
+        if not choice.skipped:
+            return
+        line = f"vision model sessions on {choice.summary()}"
+        if line in _logged:
+            return
+        _logged.add(line)
+    log.warning("%s", line)
+
+
+def choices() -> dict[str, ProviderChoice]:
+    """The provider choice of each model whose session this process opened, by model."""
+    with _lock:
+        return dict(_choices)
