@@ -287,6 +287,10 @@ class ModelsCommand(BaseModel):
                 print(f"{name:20} {spec.licence:40} {describe(name, settings)}")
             for name in CHECKPOINTS:
                 print(f"{name:20} {CHECKPOINT_LICENCE:40} {describe_checkpoint(name, settings)}")
+            from gazecam.perception import PerceptionSettings
+            from gazecam.trt.providers import plan_lines
+
+            print("\n".join(plan_lines(PerceptionSettings(), settings)))
             return
         if self.action == "import":
             if len(self.names) != 2:

@@ -179,7 +179,8 @@ def test_yolox_nano_ships_with_gazecam_and_is_checked(
     assert "Apache License" in (bundled.parent / "LICENSE").read_text()
     assert not (tmp_path / "cache").exists()  # nothing to fetch, nothing downloaded
     assert main(["models", "list"]) == 0
-    listed = [line for line in capsys.readouterr().out.splitlines() if "yolox-nano" in line]
+    out = capsys.readouterr().out.splitlines()
+    listed = [line for line in out if line.startswith("yolox-nano")]
     assert listed == [f"{'yolox-nano':20} {'Apache-2.0 (Megvii YOLOX)':40} bundled {bundled}"]
 
     # A bundled file that was altered (one byte) is refused, with one line.

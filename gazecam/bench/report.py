@@ -169,7 +169,8 @@ def summarise(
 
 def machine_info(lm: LanguageModel) -> dict[str, Any]:
     """CPU, cores, threads, ONNX Runtime providers and package versions."""
-    from gazecam.perception import PerceptionSettings, resolve_providers
+    from gazecam.perception import PerceptionSettings
+    from gazecam.trt.providers import choices
 
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
@@ -183,7 +184,8 @@ def machine_info(lm: LanguageModel) -> dict[str, Any]:
         # 0: ONNX Runtime's default, one thread per physical core.
         "threads": {"perception": perception.onnx_threads, "llm": lm.settings.llm_threads},
         "providers": {
-            "perception": resolve_providers(perception.onnx_providers),
+            # Each vision model's session: the tier it really runs on, why better ones were not.
+            "perception": {name: c.to_json() for name, c in choices().items()},
             "llm": lm.session.get_providers(),
         },
         "platform": platform.platform(),

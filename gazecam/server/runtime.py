@@ -52,6 +52,7 @@ from gazecam.settings import CaptureSettings, SourceSettings
 from gazecam.sources import check_address, open_source
 from gazecam.sources.base import Source
 from gazecam.sources.looped import LoopedSource
+from gazecam.trt.providers import choices as provider_choices
 
 logger = logging.getLogger("gazecam.server")
 
@@ -327,6 +328,8 @@ class Runtime:
                 "warning": self.assistant.warning,
             },
             "step": asdict(self.step()),
+            # Each vision model's session: the tier it really runs on, why better ones were not.
+            "vision_providers": {name: c.to_json() for name, c in provider_choices().items()},
             "frames": asdict(pipeline.stats),
             "uptime_s": round(time.monotonic() - self.started, 3),
         }

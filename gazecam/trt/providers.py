@@ -185,22 +185,70 @@ def open_session(
     ``InferenceSession`` class) are this machine's unless given (a test's fakes)."""
     import onnxruntime as ort
 
-    models = models or ModelSettings()
-    platform = platform or this_platform()
-    create = create or ort.InferenceSession
     options = ort.SessionOptions()
     options.intra_op_num_threads = settings.onnx_threads
     # Idle worker threads sleep instead of spinning: the models run one after another, and a
     # session's spinning threads would take the cores from the next one (on 2 cores here, a
     # 448 crop took 60-160 ms with spinning, 35 ms without).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session, choice = _open(
+        path,
+        model,
+        settings,
+        models or ModelSettings(),
+        platform or this_platform(),
+        functools.partial(create or ort.InferenceSession, sess_options=options),
+    )
+    _record(choice)
+    return session
+
+
+class _Planned:
+    """What ``plan`` opens instead of a session: the providers it was given."""
+
+    def __init__(self, target: str, providers: list[Any]) -> None:
+        self.providers = [p if isinstance(p, str) else p[0] for p in providers]
+
+    def get_providers(self) -> list[str]:
+        return self.providers
+
+
+def plan(
+    path: Path,
+    model: str | None,
+    settings: PerceptionSettings,
+    models: ModelSettings | None = None,
+    platform: Platform | None = None,
+) -> ProviderChoice:
+    """The tier a model's session would get, without loading the model (``gazecam models
+    list``): the same checks as ``open_session`` but a provider failing to start."""
+    planned = _open(
+        path,
+        model,
+        settings,
+        models or ModelSettings(),
+        platform or this_platform(),
+        lambda target, providers: _Planned(target, providers),
+    )
+    return planned[1]
+
+
+def _open(
+    path: Path,
+    model: str | None,
+    settings: PerceptionSettings,
+    models: ModelSettings,
+    platform: Platform,
+    create: Callable[..., Any],
+) -> tuple[Any, ProviderChoice]:
+    """The session of the best tier that starts, and the choice made."""
     skipped: list[tuple[str, str]] = []
     for tier in parse_tiers(settings.onnx_providers):
         why = unavailable(tier, platform)
         if why is None:
             try:
                 target, providers = _providers(tier, path, model, settings, models, platform)
-                session = create(str(target), sess_options=options, providers=providers)
+                session = create(str(target), providers=providers)
             except EngineError as exc:
                 why = str(exc)
             # ONNX Runtime's own errors (InvalidProtobuf, NoSuchFile, ...) derive from Exception.
@@ -212,17 +260,12 @@ def open_session(
                 why = f"ONNX Runtime could not start it ({_first_line(exc)})"
             else:
                 actual = tuple(session.get_providers())
-                real = (
-                    "cpu"
-                    if not actual
-                    else next((t for t in TIERS[1:] if PROVIDER_OF[t] == actual[0]), "cpu")
-                )
+                real = next((t for t in TIERS[1:] if actual and PROVIDER_OF[t] == actual[0]), "cpu")
                 if tier == "engine" and real == "tensorrt":
                     real = "engine"
                 if real != tier:
                     skipped.append((tier, f"ONNX Runtime started {actual[0]} instead"))
-                _record(ProviderChoice(model or path.stem, real, actual, tuple(skipped)))
-                return session
+                return session, ProviderChoice(model or path.stem, real, actual, tuple(skipped))
         skipped.append((tier, why))
     raise AssertionError("unreachable: the cpu tier either returns or raises")
 
@@ -245,3 +288,26 @@ def choices() -> dict[str, ProviderChoice]:
     """The provider choice of each model whose session this process opened, by model."""
     with _lock:
         return dict(_choices)
+
+
+def plan_lines(settings: PerceptionSettings, models: ModelSettings) -> list[str]:
+    """``gazecam models list``'s lines: the tier each vision model in use would run on (a model
+    not fetched or converted yet: said so, nothing fetched or converted here)."""
+    from gazecam.models import is_conversion, model_path
+    from gazecam.perception.classifier import CONVERTED_NAME, FORMAT_VERSION, MODEL_NAME
+    from gazecam.trt.build import in_use
+
+    lines = []
+    for name in in_use(settings):
+        if name == MODEL_NAME:
+            folders = [f / CONVERTED_NAME for f in (*models.model_path, models.models_dir)]
+            found = [f / "model.onnx" for f in folders if is_conversion(f, FORMAT_VERSION)]
+            path = found[0] if found else None
+        else:
+            try:
+                path = model_path(name, models)
+            except ModelError:
+                path = None
+        where = "not fetched" if path is None else plan(path, name, settings, models).summary()
+        lines.append(f"providers: {name} -> {where}")
+    return lines
