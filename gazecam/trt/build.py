@@ -6,8 +6,8 @@ and INT8 builder flags. 11.x (PyPI) builds strongly typed networks only, the pre
 from the graph: an FP16 ONNX (converted here, inputs and outputs kept fp32) or a Q/DQ ONNX.
 INT8 is always explicit quantization (a Q/DQ ONNX from ``onnxruntime.quantization`` on
 calibration inputs from a recording): TensorRT 10 deprecated the implicit calibrators and 11
-removed them. 'best' is the Q/DQ graph plus FP16 for the rest on 10.x; on 11.x the Q/DQ graph
-as it is (its unquantized layers fp32).
+removed them. 'best' quantizes the models whose Q/DQ graph keeps their results and builds the
+others FP16 (``graph_precision``); a model that FP16 breaks stays fp32.
 
 A timing cache per TensorRT version and GPU persists in the engine cache, so a rebuild (a new
 crop size, another precision) reuses the kernel timings of earlier builds.
@@ -56,6 +56,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+QDQ_MIN_OPSET = 13
+GraphPrecision = Literal["fp32", "fp16", "int8"]
+# Measured on the demo's crops on the CPU (tests/trt/test_precision.py): PP-OCR's detector
+# converted to FP16 gives a probability map off by up to 1.0 (11% of the pixels above the
+# text threshold instead of 1.6%), so it stays fp32; its Q/DQ graph read the same text on
+# every crop, YOLOX's kept the detections on 5 of 12 crops, the recogniser's read nothing.
+FP16_BREAKS = frozenset({"ppocr-det"})
+INT8_KEEPS = frozenset({"ppocr-det"})
 Feeds = list[dict[str, Any]]  # a model's calibration inputs: one {input name: array} per run
 
 
@@ -68,6 +76,7 @@ class BuildResult:
     engine: Path
     size_bytes: int
     build_s: float | None  # None: up to date, not rebuilt
+    graph: GraphPrecision | None = None  # the precision its graph was built at, where built now
 
     def line(self) -> str:
         """The line ``gazecam engines build`` prints for it."""
@@ -75,6 +84,8 @@ class BuildResult:
         if self.build_s is None:
             return f"{self.model}: {self.precision} engine up to date ({size}) {self.engine}"
         took = f"built in {self.build_s:.1f} s"
+        if self.graph != self.precision:
+            took = f"(its graph {self.graph}) {took}"
         return f"{self.model}: {self.precision} engine {took} ({size}) {self.engine}"
 
 
@@ -94,14 +105,23 @@ def strongly_typed(tensorrt: ModuleType) -> bool:
     return int(re.findall(r"\d+", version)[0]) >= 11
 
 
-def builder_flags(tensorrt: ModuleType, precision: Precision) -> list[Any]:
+def graph_precision(model: str, precision: Precision, calibrated: bool) -> GraphPrecision:
+    """The precision a model's graph is built at for a requested precision: 'int8' quantizes
+    every model, 'best' only those whose Q/DQ graph keeps its results (with calibration
+    inputs), and FP16 is skipped where it breaks the model (``FP16_BREAKS``)."""
+    if precision == "int8" or (precision == "best" and calibrated and model in INT8_KEEPS):
+        return "int8"
+    if precision == "fp32" or model in FP16_BREAKS:
+        return "fp32"
+    return "fp16"
+
+
+def builder_flags(tensorrt: ModuleType, graph: GraphPrecision) -> list[Any]:
     """The precision flags of a weakly typed (10.x) build; none for a strongly typed one."""
     if strongly_typed(tensorrt):
         return []
     flag = tensorrt.BuilderFlag
-    return {"fp32": [], "fp16": [flag.FP16], "int8": [flag.INT8], "best": [flag.FP16, flag.INT8]}[
-        precision
-    ]
+    return {"fp32": [], "fp16": [flag.FP16], "int8": [flag.INT8]}[graph]
 
 
 def to_fp16(onnx_path: Path, out: Path) -> Path:
@@ -133,6 +153,14 @@ def to_qdq(onnx_path: Path, feeds: Feeds, out: Path) -> Path:
 
     if not feeds:
         raise EngineError(f"{onnx_path.name}: no calibration inputs (the source gave no crops)")
+    import onnx
+    from onnx.version_converter import convert_version
+
+    model = onnx.load(str(onnx_path))
+    opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if opset < QDQ_MIN_OPSET:  # per-channel DequantizeLinear (its axis) came with opset 13
+        onnx_path = out.with_name(f"opset{QDQ_MIN_OPSET}.onnx")
+        onnx.save(convert_version(model, QDQ_MIN_OPSET), str(onnx_path))
     quantize_static(
         str(onnx_path),
         str(out),
@@ -142,19 +170,23 @@ def to_qdq(onnx_path: Path, feeds: Feeds, out: Path) -> Path:
         weight_type=QuantType.QInt8,
         per_channel=True,
         calibrate_method=CalibrationMethod.MinMax,
+        # Q/DQ at the inputs of convolutions and matrix products only, as TensorRT places
+        # them: quantizing YOLOX's concatenated output (box sizes and probabilities on one
+        # scale) lost every detection on the demo's crops.
+        op_types_to_quantize=["Conv", "MatMul", "Gemm"],
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
     )
     return out
 
 
 def network_onnx(
-    onnx_path: Path, precision: Precision, typed: bool, feeds: Feeds | None, tmp: Path
+    onnx_path: Path, graph: GraphPrecision, typed: bool, feeds: Feeds | None, tmp: Path
 ) -> Path:
-    """The ONNX graph TensorRT parses for a precision: Q/DQ for int8 (and 'best' where there
-    are calibration inputs), FP16 for a strongly typed fp16 build, else the model itself."""
-    if precision == "int8" or (precision == "best" and feeds is not None):
+    """The ONNX graph TensorRT parses: Q/DQ for int8, FP16 for a strongly typed fp16 build,
+    else the model itself."""
+    if graph == "int8":
         return to_qdq(onnx_path, feeds or [], tmp / "qdq.onnx")
-    if typed and precision in ("fp16", "best"):
+    if typed and graph == "fp16":
         return to_fp16(onnx_path, tmp / "fp16.onnx")
     return onnx_path
 
@@ -184,7 +216,7 @@ def build_serialized(
     tensorrt: ModuleType,
     onnx_path: Path,
     profiles: Sequence[InputProfile],
-    precision: Precision,
+    graph: GraphPrecision,
     timing_cache: bytes,
     bar: Any,
 ) -> tuple[bytes, bytes]:
@@ -198,7 +230,7 @@ def build_serialized(
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineError(f"{onnx_path}: TensorRT cannot parse it ({errors or 'no reason given'})")
     config = builder.create_builder_config()
-    for flag in builder_flags(tensorrt, precision):
+    for flag in builder_flags(tensorrt, graph):
         config.set_flag(flag)
     config.set_timing_cache(config.create_timing_cache(timing_cache), False)
     dynamic = [p for p in profiles if not p.fixed]
@@ -345,13 +377,14 @@ def _build_one(
         cache_temporary(cache_file.parent, f"{key.model}-onnx") as tmp,
         progress(f"{key.model}: building {key.precision} engine", unit="step") as bar,
     ):
-        graph = network_onnx(onnx_path, key.precision, typed, feeds, tmp)
-        plan, timing = build_serialized(tensorrt, graph, key.profiles, key.precision, timing, bar)
+        graph = graph_precision(key.model, key.precision, feeds is not None)
+        parsed = network_onnx(onnx_path, graph, typed, feeds, tmp)
+        plan, timing = build_serialized(tensorrt, parsed, key.profiles, graph, timing, bar)
     _write_timing_cache(cache_file, timing)
     build_s = time.perf_counter() - start
     wrapper = epcontext_model(onnx_path, engine.name, key.compute_capability)
     write_engine(models_dir, key, plan, wrapper, build_s)
-    return BuildResult(key.model, key.precision, engine, len(plan), build_s)
+    return BuildResult(key.model, key.precision, engine, len(plan), build_s, graph)
 
 
 class EnginesCommand(BaseModel):
@@ -362,8 +395,8 @@ class EnginesCommand(BaseModel):
     )
     precision: Precision | None = Field(
         None,
-        description="fp32, fp16, int8 (needs --calibrate) or best (int8 where calibrated, "
-        "else fp16) [GAZECAM_TRT_PRECISION, fp16].",
+        description="fp32, fp16, int8 (every model; needs --calibrate) or best (int8 where "
+        "it keeps the results and --calibrate is given, else fp16) [GAZECAM_TRT_PRECISION, fp16].",
     )
     models: list[str] | None = Field(
         None,

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from gazecam.errors import ConfigError
 from gazecam.models import ModelError, ModelSettings
 from gazecam.trt import EngineError, Platform, probe_platform, tensorrt_too_old
+from gazecam.trt.build import FP16_BREAKS, runtime_profiles
 from gazecam.trt.cache import INPUT_NAMES, InputProfile, check_engine, engine_key
 
 if TYPE_CHECKING:
@@ -142,7 +143,6 @@ def _providers(
     profiles: tuple[InputProfile, ...] = ()
     if model in INPUT_NAMES:
         from gazecam.settings import CaptureSettings
-        from gazecam.trt.build import runtime_profiles
 
         profiles = runtime_profiles(model, CaptureSettings().crop_size_px, settings)
     if tier == "engine":
@@ -156,8 +156,9 @@ def _providers(
         "trt_engine_cache_path": str(cache),
         "trt_timing_cache_enable": True,
         "trt_timing_cache_path": str(cache),
-        # INT8 needs a calibrated (Q/DQ) graph: that is the engine tier's; the EP runs FP16.
-        "trt_fp16_enable": settings.trt_precision != "fp32",
+        # INT8 needs a calibrated (Q/DQ) graph: that is the engine tier's; the EP runs FP16
+        # where it does not break the model.
+        "trt_fp16_enable": settings.trt_precision != "fp32" and model not in FP16_BREAKS,
     }
     if any(not p.fixed for p in profiles):
         options |= {
