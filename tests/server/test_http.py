@@ -54,6 +54,13 @@ def test_status_says_what_is_served_and_counts_frames(client: TestClient) -> Non
     # A real-time replay drops frames only when the machine falls behind (a loaded test run).
     assert frames["frames_dropped"] < frames["frames_in"] and frames["source_restarts"] == 0
     assert status["uptime_s"] > 0
+    # Where each vision model's session really runs (here and in CI: the CPU, with the reasons
+    # the better tiers were skipped).
+    tiers = {"engine": "TensorrtExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+    tiers |= {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+    vision = status["vision_providers"]
+    assert {"ppocr-det", "ppocr-rec", "yolox-nano", "efficientnet-lite0"} <= set(vision)
+    assert all(c["providers"][0] == tiers[c["tier"]] for c in vision.values())
     later = wait_for(
         lambda: (
             (s := client.get("/v1/status").json())["frames"]["frames_processed"]

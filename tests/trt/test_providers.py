@@ -12,6 +12,7 @@ from typing import Any
 import onnxruntime as ort
 import pytest
 
+from gazecam.cli import main
 from gazecam.errors import ConfigError
 from gazecam.models import BUNDLED_DIR, ModelError, ModelSettings
 from gazecam.perception import PerceptionSettings
@@ -220,3 +221,20 @@ def test_a_model_even_the_cpu_cannot_load_is_one_line(tmp_path: Path) -> None:
     broken.write_bytes(b"not onnx")
     with pytest.raises(ModelError, match=rf"^{broken}: ONNX Runtime cannot load it \(.+\)$"):
         open_session(broken, None, SETTINGS, ModelSettings(models_dir=tmp_path), NO_GPU)
+
+
+def test_models_list_says_where_each_vision_model_would_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GAZECAM_OCR_ENABLED", "false")
+    monkeypatch.setenv("GAZECAM_CLASSIFIER_ENABLED", "false")
+    monkeypatch.setattr(providers, "this_platform", lambda: NO_GPU)
+    assert main(["models", "list"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("providers:")]
+    assert lines == [
+        "providers: yolox-nano -> cpu (engine, tensorrt, cuda skipped: no NVIDIA GPU found)"
+    ]
+    monkeypatch.setattr(providers, "this_platform", lambda: FAKE_GPU)  # nothing is loaded
+    assert main(["models", "list"]) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("providers:")]
+    assert line.startswith("providers: yolox-nano -> tensorrt (engine skipped: yolox-nano: no fp16")
