@@ -94,15 +94,20 @@ class VisionEncoder:
     """The converted vision encoders (one ONNX graph per tile size), loaded when first used."""
 
     def __init__(self, folder: Path, int8: bool, llm: LLMSettings) -> None:
-        from gazecam.perception import resolve_providers
+        from gazecam.perception import PerceptionSettings
+        from gazecam.trt.providers import parse_tiers
 
         try:
             self.info: dict[str, Any] = json.loads((folder / "vision.json").read_text())
         except (OSError, ValueError) as exc:
             raise ModelError(f"{folder / 'vision.json'}: not readable ({exc})") from exc
         self.folder, self.int8 = folder, int8 and bool(self.info.get("int8"))
-        self._providers = resolve_providers(llm.llm_providers)
-        self._threads = llm.llm_threads
+        parse_tiers(llm.llm_providers)  # a setting naming no tier is refused now, not at first use
+        # The encoders run on the vision models' provider chain (gazecam.trt.providers), with
+        # the language model's providers and threads.
+        self._settings = PerceptionSettings(
+            onnx_providers=llm.llm_providers, onnx_threads=llm.llm_threads
+        )
         self._sessions: dict[int, Any] = {}
         self._lock = threading.Lock()
 
@@ -130,18 +135,12 @@ class VisionEncoder:
                         f"{self.folder}: no vision encoder for {size} px tiles "
                         f"(converted: {', '.join(map(str, self.tile_sizes))})"
                     )
-                import onnxruntime as ort
+                from gazecam.trt.providers import open_session
 
-                options = ort.SessionOptions()
-                options.intra_op_num_threads = self._threads
                 name = f"vision_{size}{'.int8' if self.int8 else ''}.onnx"
-                try:
-                    self._sessions[size] = ort.InferenceSession(
-                        str(self.folder / name), sess_options=options, providers=self._providers
-                    )
-                except (RuntimeError, ValueError) as exc:
-                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                    raise ModelError(f"{self.folder / name}: cannot be loaded ({first})") from exc
+                self._sessions[size] = open_session(
+                    self.folder / name, f"smolvlm-vision-{size}", self._settings
+                )
             return self._sessions[size]
 
 
