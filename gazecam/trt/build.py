@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import errno
 import importlib
+import json
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal
@@ -30,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, Field
 from pydantic_settings import CliPositionalArg
 
-from gazecam.errors import ConfigError, MissingDependencyError
+from gazecam.errors import ConfigError, GazecamError, MissingDependencyError
 from gazecam.models import ModelSettings, cache_temporary, model_path, progress
 from gazecam.trt import (
     EngineError,
@@ -42,6 +44,7 @@ from gazecam.trt import (
 from gazecam.trt.cache import (
     ENGINE_DIR,
     INPUT_NAMES,
+    VLM_ENCODER,
     EngineKey,
     InputProfile,
     check_engine,
@@ -294,12 +297,53 @@ def _write_timing_cache(path: Path, data: bytes) -> None:
 
 
 def model_onnx(name: str, models: ModelSettings) -> Path:
-    """The ONNX file a vision model runs from (EfficientNet-Lite0: its conversion)."""
+    """The ONNX file a vision model runs from (EfficientNet-Lite0 and the vision-language
+    engine's encoders: their conversions)."""
     if name == "efficientnet-lite0":
         from gazecam.perception.classifier import converted_model
 
         return converted_model(models)
+    if name.startswith(VLM_ENCODER):
+        encoders = vlm_encoders(models)
+        if name not in encoders:
+            raise ConfigError(
+                f"--models: {name} unknown (the installed checkpoint's encoders: "
+                f"{', '.join(encoders) or 'none'})"
+            )
+        return encoders[name]
     return model_path(name, models)
+
+
+def vlm_encoders(models: ModelSettings) -> dict[str, Path]:
+    """The vision-language engine's fp32 encoders by name (one per tile size), where a SmolVLM
+    checkpoint is installed (converted to ONNX first where needed); none otherwise."""
+    from gazecam.vlm.engine import converted_vlm_dir
+    from gazecam.vlm.install import vlm_checkpoint
+
+    checkpoint = vlm_checkpoint(models)
+    if checkpoint is None:
+        return {}
+    folder = converted_vlm_dir(checkpoint, models)
+    try:
+        tiles = json.loads((folder / "vision.json").read_text())["tiles"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise EngineError(f"{folder / 'vision.json'}: not readable ({exc})") from exc
+    return {f"{VLM_ENCODER}{size}": folder / f"vision_{size}.onnx" for size in tiles}
+
+
+def build_tools(
+    platform: Platform | None = None, tensorrt: ModuleType | None = None
+) -> tuple[Platform, ModuleType]:
+    """This machine's platform (with the tensorrt package's version) and tensorrt, both checked;
+    EngineError without a GPU or with a TensorRT below 10, MissingDependencyError without it."""
+    platform = platform or probe_platform()
+    if platform.compute_capability is None:
+        raise EngineError("no NVIDIA GPU found (nvidia-smi lists none, and this is no Jetson)")
+    tensorrt = tensorrt or import_tensorrt()
+    strongly_typed(tensorrt)  # too old: refused
+    # The installed package's version, whatever the probe found (a fake passes its own).
+    version = str(tensorrt.__version__)
+    return replace(platform, tensorrt_version=version), tensorrt
 
 
 def build_engines(
@@ -318,18 +362,8 @@ def build_engines(
     """
     if precision == "int8" and feeds_of is None:
         raise ConfigError("--precision int8 needs calibration crops: give --calibrate SOURCE")
-    platform = platform or probe_platform()
-    if platform.compute_capability is None:
-        raise EngineError("no NVIDIA GPU found (nvidia-smi lists none, and this is no Jetson)")
-    tensorrt = tensorrt or import_tensorrt()
+    platform, tensorrt = build_tools(platform, tensorrt)
     typed = strongly_typed(tensorrt)
-    # The installed package's version, whatever the probe found (a fake passes its own).
-    platform = Platform(
-        platform.ort_providers,
-        platform.compute_capability,
-        platform.gpu_name,
-        str(tensorrt.__version__),
-    )
     results, keys = [], {}
     for name in names:
         onnx_path = model_onnx(name, models)
@@ -400,8 +434,9 @@ class EnginesCommand(BaseModel):
     )
     models: list[str] | None = Field(
         None,
-        description=f"The models to build, comma-separated (default: those perception runs; known: "
-        f"{', '.join(INPUT_NAMES)}).",
+        description=f"The models to build, comma-separated (default: those perception runs, and "
+        f"the SmolVLM encoders where installed; known: {', '.join(INPUT_NAMES)}, "
+        f"{VLM_ENCODER}SIZE).",
     )
     calibrate: str | None = Field(
         None,
@@ -413,24 +448,37 @@ class EnginesCommand(BaseModel):
         """Run the command: one line per engine."""
         from gazecam.perception import PerceptionSettings
         from gazecam.settings import CaptureSettings
+        from gazecam.sources import check_address
 
         perception = PerceptionSettings()
         precision = self.precision or perception.trt_precision
-        names = self.models or in_use(perception)
-        unknown = [n for n in names if n not in INPUT_NAMES]
+        models = ModelSettings()
+        unknown = [
+            n for n in self.models or [] if n not in INPUT_NAMES and not n.startswith(VLM_ENCODER)
+        ]
         if unknown:
             raise ConfigError(
-                f"--models: {', '.join(unknown)} unknown (known: {', '.join(INPUT_NAMES)})"
+                f"--models: {', '.join(unknown)} unknown (known: {', '.join(INPUT_NAMES)}, "
+                f"and {VLM_ENCODER}SIZE for the installed SmolVLM's encoders)"
             )
+        if self.calibrate is not None:
+            check_address(self.calibrate)
+        # No GPU, no or an old TensorRT: said before anything is converted or calibrated.
+        platform, tensorrt = build_tools()
+        names = self.models or in_use(perception)
+        if not self.models:
+            try:
+                names += list(vlm_encoders(models))
+            except GazecamError as exc:  # the vision models' engines are built all the same
+                print(
+                    f"gazecam: warning: no engines for the SmolVLM encoders: {exc}", file=sys.stderr
+                )
         crop_px = CaptureSettings().crop_size_px
-        models = ModelSettings()
         feeds_of = None
         if self.calibrate is not None:
-            from gazecam.sources import check_address
             from gazecam.trt.calibrate import calibration_feeds
 
             address = self.calibrate
-            check_address(address)
 
             def feeds_of(wanted: Sequence[str]) -> dict[str, Feeds]:
                 return calibration_feeds(address, wanted, perception, models)
@@ -441,6 +489,8 @@ class EnginesCommand(BaseModel):
             lambda name: runtime_profiles(name, crop_px, perception),
             models,
             feeds_of,
+            platform,
+            tensorrt,
         )
         for result in results:
             print(result.line())

@@ -32,6 +32,15 @@ INPUT_NAMES = {
     "yolox-nano": "images",
     "efficientnet-lite0": "image",
 }
+# The vision-language engine's encoders are named by this and their tile size (one per size).
+VLM_ENCODER = "smolvlm-vision-"
+
+
+def has_engine(model: str | None) -> bool:
+    """Whether gazecam builds a TensorRT engine for a model of this name."""
+    return model is not None and (model in INPUT_NAMES or model.startswith(VLM_ENCODER))
+
+
 # The OCR recogniser's widest line (the input is 48 px high): 8 crop widths, a line of aspect
 # ratio up to 75 in a 448 crop. Lines of the same height are wider than the crop only when
 # turned, so wider ones do not occur on crops of gazecam's size.
@@ -76,10 +85,18 @@ def input_profiles(
     sides rounded up to the network's multiple of 32), the recogniser batches of up to
     ``rec_batch`` lines 48 px high, YOLOX its fixed 416 input, the classifier the crop and up to
     ``classifier_batch - 1`` detection areas at 224."""
+    if model.startswith(VLM_ENCODER):  # one graph per tile size, each at its fixed size
+        side = int(model.removeprefix(VLM_ENCODER))
+        return (
+            InputProfile(
+                "pixel_values", (1, 3, side, side), (1, 3, side, side), (1, 3, side, side)
+            ),
+        )
     name = INPUT_NAMES.get(model)
     if name is None:
         raise EngineError(
-            f"{model}: no TensorRT engine for this model (known: {', '.join(INPUT_NAMES)})"
+            f"{model}: no TensorRT engine for this model (known: {', '.join(INPUT_NAMES)}, "
+            f"{VLM_ENCODER}SIZE)"
         )
     if model == "ppocr-det":
         side = -(-crop_px // 32) * 32

@@ -27,7 +27,7 @@ from gazecam.errors import ConfigError
 from gazecam.models import ModelError, ModelSettings
 from gazecam.trt import EngineError, Platform, probe_platform, tensorrt_too_old
 from gazecam.trt.build import FP16_BREAKS, runtime_profiles
-from gazecam.trt.cache import INPUT_NAMES, InputProfile, check_engine, engine_key
+from gazecam.trt.cache import InputProfile, check_engine, engine_key, has_engine
 
 if TYPE_CHECKING:
     from gazecam.perception import PerceptionSettings
@@ -131,22 +131,23 @@ def _providers(
     settings: PerceptionSettings,
     models: ModelSettings,
     platform: Platform,
+    cpu_path: Path | None,
 ) -> tuple[Path, list[Any]]:
     """The model file and the providers (with options) of a tier; EngineError where the tier
     has no valid engine for the model."""
     cpu: list[Any] = [CPU_EP]
     cuda: list[Any] = [CUDA_EP] if CUDA_EP in platform.ort_providers else []
     if tier == "cpu":
-        return path, cpu
+        return cpu_path or path, cpu
     if tier == "cuda":
         return path, cuda + cpu
     profiles: tuple[InputProfile, ...] = ()
-    if model in INPUT_NAMES:
+    if model is not None and has_engine(model):
         from gazecam.settings import CaptureSettings
 
         profiles = runtime_profiles(model, CaptureSettings().crop_size_px, settings)
     if tier == "engine":
-        if model not in INPUT_NAMES:
+        if model is None or not has_engine(model):
             raise EngineError(f"{path.name}: gazecam builds no TensorRT engine for it")
         key = engine_key(model, path, platform, settings.trt_precision, profiles)
         return check_engine(models.models_dir, key), [TRT_EP]
@@ -180,9 +181,11 @@ def open_session(
     models: ModelSettings | None = None,
     platform: Platform | None = None,
     create: Callable[..., Any] | None = None,
+    cpu_path: Path | None = None,
 ) -> Any:
     """A session for a model file on the best tier available (see the module's docstring);
-    ModelError where not even the CPU can load it. ``platform`` and ``create`` (the
+    ModelError where not even the CPU can load it. ``cpu_path``: the file the CPU tier loads
+    instead (a graph quantized for the CPU). ``platform`` and ``create`` (the
     ``InferenceSession`` class) are this machine's unless given (a test's fakes)."""
     import onnxruntime as ort
 
@@ -199,6 +202,7 @@ def open_session(
         models or ModelSettings(),
         platform or this_platform(),
         functools.partial(create or ort.InferenceSession, sess_options=options),
+        cpu_path,
     )
     _record(choice)
     return session
@@ -230,6 +234,7 @@ def plan(
         models or ModelSettings(),
         platform or this_platform(),
         lambda target, providers: _Planned(target, providers),
+        None,
     )
     return planned[1]
 
@@ -241,6 +246,7 @@ def _open(
     models: ModelSettings,
     platform: Platform,
     create: Callable[..., Any],
+    cpu_path: Path | None,
 ) -> tuple[Any, ProviderChoice]:
     """The session of the best tier that starts, and the choice made."""
     skipped: list[tuple[str, str]] = []
@@ -248,7 +254,9 @@ def _open(
         why = unavailable(tier, platform)
         if why is None:
             try:
-                target, providers = _providers(tier, path, model, settings, models, platform)
+                target, providers = _providers(
+                    tier, path, model, settings, models, platform, cpu_path
+                )
                 session = create(str(target), providers=providers)
             except EngineError as exc:
                 why = str(exc)
@@ -256,7 +264,7 @@ def _open(
             except Exception as exc:
                 if tier == "cpu":
                     raise ModelError(
-                        f"{path}: ONNX Runtime cannot load it ({_first_line(exc)})"
+                        f"{cpu_path or path}: ONNX Runtime cannot load it ({_first_line(exc)})"
                     ) from exc
                 why = f"ONNX Runtime could not start it ({_first_line(exc)})"
             else:

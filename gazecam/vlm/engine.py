@@ -135,11 +135,17 @@ class VisionEncoder:
                         f"{self.folder}: no vision encoder for {size} px tiles "
                         f"(converted: {', '.join(map(str, self.tile_sizes))})"
                     )
+                from gazecam.trt.cache import VLM_ENCODER
                 from gazecam.trt.providers import open_session
 
-                name = f"vision_{size}{'.int8' if self.int8 else ''}.onnx"
+                # The int8 graph is quantized for the CPU (integer ops that TensorRT and CUDA
+                # do not run): a GPU runs the fp32 one, or its engine.
+                int8 = self.folder / f"vision_{size}.int8.onnx"
                 self._sessions[size] = open_session(
-                    self.folder / name, f"smolvlm-vision-{size}", self._settings
+                    self.folder / f"vision_{size}.onnx",
+                    f"{VLM_ENCODER}{size}",
+                    self._settings,
+                    cpu_path=int8 if self.int8 else None,
                 )
             return self._sessions[size]
 

@@ -32,19 +32,20 @@ def profiles_of(name: str) -> tuple[InputProfile, ...]:
     return input_profiles(name, 448, 2, 6)
 
 
-def tiny_onnx(path: Path, seed: int = 0) -> Path:
-    """A small generated model (conv, relu, conv) with PP-OCR's input name and dynamic shape."""
+def tiny_onnx(path: Path, seed: int = 0, input_name: str = "x") -> Path:
+    """A small generated model (conv, relu, conv) with PP-OCR's input name (or another) and a
+    dynamic shape."""
     rng = np.random.default_rng(seed)
     w1 = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w1")
     w2 = numpy_helper.from_array(rng.standard_normal((2, 4, 1, 1)).astype(np.float32), "w2")
     graph = helper.make_graph(
         [
-            helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
+            helper.make_node("Conv", [input_name, "w1"], ["a"], pads=[1, 1, 1, 1]),
             helper.make_node("Relu", ["a"], ["b"]),
             helper.make_node("Conv", ["b", "w2"], ["y"]),
         ],
         "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["N", 3, "H", "W"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, "H", "W"])],
         [w1, w2],
     )

@@ -15,10 +15,12 @@ import pytest
 from gazecam.cli import main
 from gazecam.errors import ConfigError, MissingDependencyError
 from gazecam.models import ModelSettings, sha256_of
+from gazecam.perception import PerceptionSettings
 from gazecam.trt import EngineError
 from gazecam.trt.build import build_engines, import_tensorrt
 from gazecam.trt.cache import check_engine, engine_key, engine_paths, input_profiles
-from tests.trt import FAKE_GPU, FakeTensorRT, profiles_of, tiny_feeds, tiny_models
+from gazecam.trt.providers import open_session
+from tests.trt import FAKE_GPU, FakeTensorRT, profiles_of, tiny_feeds, tiny_models, tiny_onnx
 
 BOTH = ["ppocr-det", "ppocr-rec"]
 
@@ -179,3 +181,50 @@ def test_a_full_disk_while_writing_leaves_no_partial_files(
         )
     left = sorted(p.name for p in (models.models_dir / "trt-engines").iterdir())
     assert left == ["timing-trt10.3.0-sm8.7.cache"]  # no engine, wrapper, sidecar or temporary
+
+
+def test_the_vlm_encoders_get_fixed_shape_engines(
+    models: ModelSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SmolVLM encoders (one graph per tile size, as its conversion has them: here a tiny
+    stand-in) get engines at their fixed size; the runtime loads the fp32 graph's engine on a
+    GPU and the CPU's int8 graph on the CPU."""
+    fp32 = tiny_onnx(tmp_path / "conv" / "vision_32.onnx", input_name="pixel_values")
+    int8 = tiny_onnx(tmp_path / "conv" / "vision_32.int8.onnx", 1, "pixel_values")
+    monkeypatch.setattr("gazecam.trt.build.vlm_encoders", lambda m: {"smolvlm-vision-32": fp32})
+    trt = FakeTensorRT("10.3.0")
+    (result,) = build_engines(
+        ["smolvlm-vision-32"], "fp16", profiles_of, models, None, FAKE_GPU, trt
+    )
+    assert result.graph == "fp16" and trt.builds[0]["profiles"] == []  # fixed: no profile
+    key = json.loads(engine_paths(models.models_dir, "smolvlm-vision-32", "fp16")[2].read_text())
+    assert key["key"]["profiles"] == [
+        {
+            "name": "pixel_values",
+            "min_shape": [1, 3, 32, 32],
+            "opt_shape": [1, 3, 32, 32],
+            "max_shape": [1, 3, 32, 32],
+        }
+    ]
+    settings = PerceptionSettings(onnx_providers="auto", trt_precision="fp16")
+    opened: list[str] = []
+
+    def create(target: str, sess_options: object, providers: list[object]) -> object:
+        opened.append(target)
+        return type(
+            "S",
+            (),
+            {
+                "get_providers": lambda self: (
+                    ["CPUExecutionProvider"]
+                    if target == str(int8)
+                    else ["TensorrtExecutionProvider"]
+                )
+            },
+        )()
+
+    open_session(fp32, "smolvlm-vision-32", settings, models, FAKE_GPU, create, cpu_path=int8)
+    no_gpu = replace(FAKE_GPU, compute_capability=None)
+    open_session(fp32, "smolvlm-vision-32", settings, models, no_gpu, create, cpu_path=int8)
+    wrapper = engine_paths(models.models_dir, "smolvlm-vision-32", "fp16")[1]
+    assert opened == [str(wrapper), str(int8)]
