@@ -99,6 +99,12 @@ class BenchCommand(BaseModel):
         description="The remote engine: simulated wearers asking at once, one run per count "
         "(comma-separated).",
     )
+    providers: str | None = Field(
+        None,
+        description="Also time the vision models on these provider tiers over the same crops, "
+        "comma-separated (engine, tensorrt, cuda, cpu), or auto: each in turn; a tier this "
+        "machine lacks is reported as not run, with the reason.",
+    )
     check: Path | None = Field(
         None, description="Fail (exit 1) where a ratio between modes regressed from this baseline."
     )
@@ -123,6 +129,10 @@ class BenchCommand(BaseModel):
         if self.check is not None:  # a bad baseline fails now, not after minutes of measuring
             baseline = bench_report.load_baseline(self.check)
             bench_report.require_modes(baseline, self.modes, self.check)
+        if self.providers is not None:  # a bad tier fails now, not after minutes of measuring
+            from gazecam.trt.providers import parse_tiers
+
+            parse_tiers(self.providers)
         schedule = self.at or self.asks
         llm, models = engine_settings(self.engine, self.vlm, self.remote_url, self.remote_model)
         if llm.engine == "remote":
@@ -133,6 +143,11 @@ class BenchCommand(BaseModel):
         run = asyncio.run(
             run_bench(self.source, self.task, self.modes, schedule, self.pace, llm, models)
         )
+        if self.providers is not None:
+            from gazecam.bench.providers import bench_providers, format_providers
+
+            run.report["providers"] = bench_providers(self.source, self.providers)
+            print(format_providers(run.report["providers"]))
         png = self.out.with_suffix(".png")
         bench_report.draw_png(run.samples, png)
         bench_report.write_json(self.out, run.report)
