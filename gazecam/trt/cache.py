@@ -141,8 +141,8 @@ def engine_key(
 
 def engine_paths(models_dir: Path, model: str, precision: Precision) -> tuple[Path, Path, Path]:
     """The engine, its EPContext wrapper and its sidecar for a model at a precision."""
-    stem = models_dir / ENGINE_DIR / f"{model}.{precision}"
-    return stem.with_suffix(".engine"), stem.with_suffix(".onnx"), stem.with_suffix(".json")
+    folder, stem = models_dir / ENGINE_DIR, f"{model}.{precision}"
+    return folder / f"{stem}.engine", folder / f"{stem}.onnx", folder / f"{stem}.json"
 
 
 def _mismatch(wanted: EngineKey, found: dict[str, Any]) -> str | None:

@@ -228,3 +228,21 @@ def test_the_vlm_encoders_get_fixed_shape_engines(
     open_session(fp32, "smolvlm-vision-32", settings, models, no_gpu, create, cpu_path=int8)
     wrapper = engine_paths(models.models_dir, "smolvlm-vision-32", "fp16")[1]
     assert opened == [str(wrapper), str(int8)]
+
+
+def test_the_command_calibrates_on_a_source_and_prints_one_line_per_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trt = FakeTensorRT("11.0.1")
+    monkeypatch.setattr("gazecam.trt.build.build_tools", lambda *args: (FAKE_GPU, trt))
+    monkeypatch.setenv("GAZECAM_MODELS_DIR", str(tmp_path / "cache"))
+    argv = ["engines", "build", "--precision", "int8", "--models", "yolox-nano"]
+    assert main([*argv, "--calibrate", "synthetic:demo"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    engine = tmp_path / "cache" / "trt-engines" / "yolox-nano.int8.engine"
+    assert len(out) == 1 and out[0].startswith("yolox-nano: int8 engine built in ")
+    assert out[0].endswith(f" MB) {engine}")
+    (build,) = trt.builds
+    assert build["qdq"] and build["profiles"] == []  # calibrated on the demo; a fixed shape
+    assert main(argv) == 2  # int8 without --calibrate
+    assert "--precision int8 needs calibration crops" in capsys.readouterr().err
