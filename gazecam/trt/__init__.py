@@ -7,6 +7,7 @@ provider chain (TensorRT engine, ONNX Runtime's TensorRT EP, CUDA EP, CPU).
   ONNX model, so the runtime needs neither the ``tensorrt`` package nor torch or cuda-python.
 - ``build``: ``gazecam engines build``: the ``tensorrt`` Python API, 10.x (weakly typed, precision
   builder flags) or 11.x (strongly typed: precision from the ONNX graph, an FP16 or Q/DQ one).
+- ``graphs``: the FP16 and Q/DQ ONNX graphs TensorRT builds from, and each model's precision.
 - ``calibrate``: INT8 calibration inputs, the models' own inputs on crops of a source.
 - ``providers``: which tier each ONNX Runtime session really runs on, and why the better ones
   were skipped.

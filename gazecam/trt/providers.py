@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 from gazecam.errors import ConfigError
 from gazecam.models import ModelError, ModelSettings
 from gazecam.trt import EngineError, Platform, probe_platform, tensorrt_too_old
-from gazecam.trt.build import FP16_BREAKS, runtime_profiles
+from gazecam.trt.build import runtime_profiles
 from gazecam.trt.cache import InputProfile, check_engine, engine_key, has_engine
+from gazecam.trt.graphs import FP16_BREAKS
 
 if TYPE_CHECKING:
     from gazecam.perception import PerceptionSettings

@@ -18,8 +18,8 @@ from gazecam.perception.classifier import ImageClassifier, converted_model
 from gazecam.perception.detector import Detection, ObjectDetector
 from gazecam.perception.ocr import TextReader, _normalise
 from gazecam.records import Crop
-from gazecam.trt.build import FP16_BREAKS, INT8_KEEPS, to_fp16, to_qdq
 from gazecam.trt.calibrate import calibration_feeds, source_crops
+from gazecam.trt.graphs import FP16_BREAKS, INT8_KEEPS, to_fp16, to_qdq
 from tests.perception import require_models
 
 CPU = PerceptionSettings(onnx_providers="cpu")
