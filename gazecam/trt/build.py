@@ -320,13 +320,20 @@ def _build_one(
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     timing = cache_file.read_bytes() if cache_file.is_file() else b""
     engine = engine_paths(models_dir, key.model, key.precision)[0]
-    with (
-        cache_temporary(cache_file.parent, f"{key.model}-onnx") as tmp,
-        progress(f"{key.model}: building {key.precision} engine", unit="step") as bar,
-    ):
-        graph = graph_precision(key.model, key.precision, feeds is not None)
-        parsed = network_onnx(onnx_path, graph, typed, feeds, tmp)
-        plan, timing = build_serialized(tensorrt, parsed, key.profiles, graph, timing, bar)
+    graph = graph_precision(key.model, key.precision, feeds is not None)
+    try:
+        with (
+            cache_temporary(cache_file.parent, f"{key.model}-onnx") as tmp,  # removed at the end
+            progress(f"{key.model}: building {key.precision} engine", unit="step") as bar,
+        ):
+            parsed = network_onnx(onnx_path, graph, typed, feeds, tmp)
+            plan, timing = build_serialized(tensorrt, parsed, key.profiles, graph, timing, bar)
+    except OSError as exc:  # writing the FP16 or Q/DQ graph
+        what = "disk full" if exc.errno == errno.ENOSPC else f"cannot write ({exc.strerror})"
+        raise EngineError(
+            f"{cache_file.parent}: {what} while preparing the {key.model} {graph} graph; "
+            "partial files removed"
+        ) from exc
     _write_timing_cache(cache_file, timing)
     build_s = time.perf_counter() - start
     wrapper = epcontext_model(onnx_path, engine.name, key.compute_capability)

@@ -246,3 +246,22 @@ def test_the_command_calibrates_on_a_source_and_prints_one_line_per_engine(
     assert build["qdq"] and build["profiles"] == []  # calibrated on the demo; a fixed shape
     assert main(argv) == 2  # int8 without --calibrate
     assert "--precision int8 needs calibration crops" in capsys.readouterr().err
+
+
+def test_a_full_disk_while_preparing_the_graph_is_one_line(
+    models: ModelSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(model: object, path: str) -> None:
+        Path(path).write_bytes(b"half a graph")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save", disk_full)
+    with pytest.raises(
+        EngineError,
+        match=r"trt-engines: disk full while preparing the ppocr-rec fp16 graph; partial files "
+        r"removed$",
+    ):
+        build_engines(
+            ["ppocr-rec"], "fp16", profiles_of, models, None, FAKE_GPU, FakeTensorRT("11.0.1")
+        )
+    assert list((models.models_dir / "trt-engines").iterdir()) == []
