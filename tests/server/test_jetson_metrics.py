@@ -7,13 +7,17 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, generate_latest
 
 from gazecam.server import jetson
 from gazecam.server.jetson import jetson_health, parse_tegrastats
+from tests.server.conftest import LOCAL
 
 # A Jetson AGX Orin 32 GB developer kit, JetPack 6 (L4T r36, CUDA 12.6), idle: the docs of
 # gt-crnch-rg/read-the-docs, docs/neuromorphic/rudi-jetson-dev-boards.rst ("rudi2$> tegrastats").
@@ -164,3 +168,21 @@ def test_a_stalled_tegrastats_reports_nothing(
     with jetson_health(registry):
         wait_for("gazecam_jetson_gpu_load_ratio", registry)
         wait_for("gazecam_jetson", registry, present=False)  # still running, but silent
+
+
+def test_the_service_reports_jetson_health_while_it_runs(
+    bin_dir: Path, make_app: Callable[..., FastAPI]
+) -> None:
+    pid_file = bin_dir / "tegrastats.pid"
+    fake_tegrastats(
+        bin_dir, f'echo $$ > "{pid_file}"\nwhile :; do echo "{ORIN_JP7}"; sleep 0.05; done'
+    )
+    with TestClient(make_app(), base_url=LOCAL) as client:
+        deadline = time.monotonic() + 10
+        while "gazecam_jetson_gpu_load_ratio 0.12" not in (text := client.get("/metrics").text):
+            assert time.monotonic() < deadline, text
+            time.sleep(0.05)
+        assert 'gazecam_jetson_power_watts{rail="VDD_GPU_SOC"} 5.139' in text
+        assert "gazecam_frames_processed_total" in text  # beside the service's own metrics
+    with pytest.raises(ProcessLookupError):  # stopped with the service
+        os.kill(int(pid_file.read_text()), 0)
