@@ -92,7 +92,9 @@ class Tegrastats:
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()
-        self._reader.join()
+        # A child of tegrastats' that kept the pipe open would keep the reader waiting: it is a
+        # daemon thread, and shutting down does not wait for it.
+        self._reader.join(timeout=5)
 
     def _read(self) -> None:
         stdout = self._process.stdout
