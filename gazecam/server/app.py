@@ -23,6 +23,7 @@ from gazecam.llm.settings import LLMSettings
 from gazecam.models import ModelSettings
 from gazecam.server.chat import router as openai_compatible
 from gazecam.server.errors import install_error_handlers
+from gazecam.server.jetson import jetson_health
 from gazecam.server.logs import redact_secrets_in_logs
 from gazecam.server.metrics import Metrics
 from gazecam.server.pipeline import PipelineStats
@@ -82,7 +83,8 @@ def create_app(
         app.state.metrics.watch_queue(lambda: runtime.asks_waiting)
         logger.info("serving %s with task card %r", settings.source, card.name)
         try:
-            yield
+            with jetson_health(app.state.metrics.registry):
+                yield
         finally:
             await runtime.stop()
 
