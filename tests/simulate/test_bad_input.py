@@ -113,7 +113,8 @@ async def test_garbage_from_one_client_does_not_stop_the_others(neon_demo: Path)
                 status = await device.get_status()
             finally:
                 await device.close()
-            estimate = await TimeOffsetEstimator("127.0.0.1", status.phone.time_echo_port).estimate(
+            assert status.phone.time_echo_port == sim.time_echo_port
+            estimate = await TimeOffsetEstimator("127.0.0.1", sim.time_echo_port).estimate(
                 number_of_measurements=5
             )
             frames, samples = await asyncio.wait_for(
