@@ -1,6 +1,6 @@
 """Benchmark of the Neon simulator: its throughput on one core, and live latency through it.
 
-    .venv/bin/python benchmarks/bench_simulator.py [--out report.json] [--rate 8] [--window-s 8]
+    .venv/bin/python benchmarks/bench_simulator.py [--out report.json] [--rates 1,4] [--asks 6]
 
 The neon-demo recording (real 200 Hz gaze and scene timestamps) gets a rendered 1600×1200
 scene video, as the tests give it (``tests.conftest.render_scene_video``), in a temporary folder.
@@ -259,8 +259,13 @@ def print_throughput(r: dict[str, Any]) -> None:
     print(
         f"{r['tree']} rate {r['rate']:g}: {r['frames']} frames, {r['gaze']} gaze in "
         f"{r['window_s']:g} s = "
-        f"{r['frames_x_realtime']:.2f}x / {r['gaze_x_realtime']:.2f}x real time "
-        f"(target >= {TARGET_REALTIME:g}x: {MET[r['x_realtime'] >= TARGET_REALTIME]})"
+        f"{r['frames_x_realtime']:.2f}x / {r['gaze_x_realtime']:.2f}x real time"
+        # Judged only where the rate lets it reach the target.
+        + (
+            f" (target >= {TARGET_REALTIME:g}x: {MET[r['x_realtime'] >= TARGET_REALTIME]})"
+            if r["rate"] >= TARGET_REALTIME
+            else ""
+        )
     )
     print(
         f"  CPU {r['cpu_s']:.2f} s (player {r['cpu_player_s']:.2f}, RTSP child "
