@@ -82,6 +82,9 @@ def _show_warnings() -> None:
     """Warnings from the readers (a cut-short recording, a doubtful start time) as one line each
     on stderr, like the errors."""
     logging.basicConfig(level=logging.WARNING, format="gazecam: warning: %(message)s")
+    # Not FFmpeg's own log lines (its errors too come through as such): the error a broken
+    # video raises quotes the last one, so they would say it twice.
+    logging.getLogger("libav").setLevel(logging.CRITICAL)
 
 
 def _overrides(**flags: Any) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import logging
 import socket
 import struct
@@ -32,13 +33,17 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
+from numpy.typing import NDArray
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gazecam.errors import ConfigError, GazecamError, MissingDependencyError, SourceError
-from gazecam.records import BGRImage, GazeSample, SceneFrame, SourceInfo
+from gazecam.records import GazeSample, SceneFrame, SourceInfo
 from gazecam.settings import SourceSettings
 from gazecam.simulate import gst_rtsp
 from gazecam.simulate.faults import Faults, FaultStep, parse_fault
@@ -155,6 +160,12 @@ class NeonSimulator:
         source = open_source(self.address, SourceSettings(pace="fast"))
         self._info = await source.open()  # an unplayable recording fails here, with its name
         await source.close()
+        width, height = self._info.frame_width_px, self._info.frame_height_px
+        if width % 2 or height % 2:  # I420 halves both (a Neon scene camera's are 1600×1200)
+            raise SimulatorError(
+                f"{self.address}: a {width}×{height} scene video; the simulator "
+                "streams even sizes only"
+            )
         try:
             await self._start_child(self._info)
             await self._start_time_echo()
@@ -276,6 +287,8 @@ class NeonSimulator:
                 f"({exc.strerror}; set GAZECAM_SIM_GST_PYTHON)"
             ) from exc
         assert self._child.stdout is not None and self._child.stderr is not None
+        assert self._child.stdin is not None
+        _widen_pipe(self._child.stdin.get_extra_info("pipe"))
         self._tasks.append(asyncio.create_task(self._log_child(self._child.stderr)))
         try:
             line = await asyncio.wait_for(self._child.stdout.readline(), _CHILD_START_TIMEOUT_S)
@@ -435,13 +448,8 @@ class NeonSimulator:
                 elif now_ns < self.faults.stall_video_until_ns:
                     self.stats.frames_skipped += 1
                 else:
-                    pixels = await _decode(item)
-                    if pixels.shape != (self._height(), self._width(), 3):
-                        raise SourceError(
-                            f"{self.address}: frame {item.index} is {pixels.shape[1]}×"
-                            f"{pixels.shape[0]}, not {self._width()}×{self._height()}"
-                        )
-                    await self._send(gst_rtsp.KIND_FRAME, device_ns, pixels.tobytes())
+                    i420 = await _i420(item, self.address, self._width(), self._height())
+                    await self._send(gst_rtsp.KIND_FRAME, device_ns, i420.reshape(-1).data)
                     self.stats.frames_sent += 1
         finally:
             self._done.set()
@@ -455,10 +463,30 @@ class NeonSimulator:
         return self._info.frame_height_px
 
 
-async def _decode(frame: SceneFrame) -> BGRImage:
-    """A frame's pixels, decoded in a worker thread. Cancelled, it still waits for the thread:
-    the source must stay open while its decoder runs."""
-    decoding = asyncio.ensure_future(asyncio.to_thread(frame.decode))
+def _widen_pipe(pipe: Any) -> None:
+    """Give the pipe to the child 1 MiB (or the system's most): a 2.9 MB frame through the
+    default 64 KiB is 45 writes and as many wake-ups of both processes."""
+    most = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    fcntl.fcntl(pipe, fcntl.F_SETPIPE_SZ, min(most, 2**20))
+
+
+def _decode_i420(frame: SceneFrame, address: str, width: int, height: int) -> NDArray[np.uint8]:
+    pixels = frame.decode()
+    if pixels.shape != (height, width, 3):
+        raise SourceError(
+            f"{address}: frame {frame.index} is {pixels.shape[1]}×{pixels.shape[0]}, "
+            f"not {width}×{height}"
+        )
+    return np.asarray(cv2.cvtColor(pixels, cv2.COLOR_BGR2YUV_I420), dtype=np.uint8)
+
+
+async def _i420(frame: SceneFrame, address: str, width: int, height: int) -> NDArray[np.uint8]:
+    """A frame's pixels as I420 (BT.601, limited range: the colours a decoder assumes for
+    H.264 that does not say), decoded and converted in a worker thread. The child encodes
+    I420 as it is: a BGR frame would be twice the bytes through the pipe, and converting it
+    there (GStreamer's videoconvert) cost more than encoding it. Cancelled, it still waits
+    for the thread: the source must stay open while its decoder runs."""
+    decoding = asyncio.ensure_future(asyncio.to_thread(_decode_i420, frame, address, width, height))
     try:
         return await asyncio.shield(decoding)
     except asyncio.CancelledError:
