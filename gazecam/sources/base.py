@@ -45,6 +45,8 @@ class SourceStats:
     gaze_in: int = 0
     gaze_dropped: int = 0  # live: oldest gaze dropped from a full queue (consumer too slow)
     reconnects: int = 0
+    frames_stale: int = 0  # live: dropped, their time too far from their arrival (wrong clock)
+    clock_estimates: int = 0  # live: Time Echo estimates of the clock offset (open's included)
 
 
 class Source(Protocol):
