@@ -25,7 +25,7 @@ from gazecam.errors import GazecamError
 from gazecam.records import Crop, MatchedFrame, SourceEvent, SourceInfo
 from gazecam.server.settings import ServerSettings
 from gazecam.settings import CaptureSettings
-from gazecam.sources.base import Source
+from gazecam.sources.base import Source, SourceStats
 
 logger = logging.getLogger("gazecam.server")
 
@@ -100,6 +100,7 @@ class Pipeline:
         self.latest: MatchedFrame | None = None
         self.latest_at_s: float | None = None  # time.monotonic() when the latest frame came
         self.latest_crop: Crop | None = None
+        self.source_stats: SourceStats | None = None  # the running source's own counters
         self._slot = KeyframeSlot()
         self._perception = ThreadPoolExecutor(1, thread_name_prefix="gazecam-perception")
         self._tasks: list[asyncio.Task[None]] = []
@@ -140,6 +141,7 @@ class Pipeline:
         source: Source | None = None
         try:
             source = self._make_source()
+            self.source_stats = source.stats
             info = await source.open()
             self.info, self.state, self.last_error = info, "running", None
             seen_in = seen_dropped = 0

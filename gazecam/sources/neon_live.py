@@ -367,6 +367,7 @@ class NeonLiveSource:
                 reason = "Time Echo estimation failed"
             except self._link.errors as exc:
                 reason = f"Time Echo: {_describe(exc, timeout_s)}"
+        self.stats.clock = offset or self.stats.clock
         if offset is None:
             logger.warning(
                 "%s: no clock offset (%s); taking the glasses' timestamps as local time",

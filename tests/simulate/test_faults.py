@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from gazecam.records import GazeSample, SceneFrame
 from gazecam.settings import SourceSettings
