@@ -402,7 +402,11 @@ class NeonLiveSource:
             try:
                 while True:
                     try:
-                        datum = await asyncio.wait_for(anext(items), stall_s)
+                        # Not wait_for: before Python 3.12 it can swallow a cancellation that
+                        # comes as the item does (an item every 5 ms), and the pump went on
+                        # streaming after close().
+                        async with asyncio.timeout(stall_s):
+                            datum = await anext(items)
                     except StopAsyncIteration:
                         reason = f"{what} stream ended"
                         break

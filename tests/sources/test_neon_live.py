@@ -445,6 +445,33 @@ async def test_frames_off_the_clock_are_dropped_and_the_clock_measured_again(
     await source.close()
 
 
+async def test_close_stops_a_busy_stream_at_once() -> None:
+    """Regression: the pumps waited for each item with asyncio.wait_for, which (before Python
+    3.12) can swallow the cancellation close() sends as an item comes; a pump then went on
+    streaming, and close() waited for it as long as the glasses sent."""
+    sending = True
+
+    async def gaze() -> AsyncGenerator[object, None]:
+        while sending:  # an item whenever the loop comes round: the race, every time
+            yield GazeData(1.0, 2.0, True, T0_S)
+            await asyncio.sleep(0)
+
+    for _ in range(20):
+        # No reconnects: a pump that missed its cancellation ends when its stream does.
+        source = NeonLiveSource(
+            ADDRESS, settings(neon_reconnect_attempts=0), FakeLink(status(), gaze=[gaze])
+        )
+        await source.open()
+        stream = source.stream()
+        await pull(stream, 50)
+        closing = asyncio.create_task(source.close())
+        done, _ = await asyncio.wait({closing}, timeout=2)
+        sending = bool(done)  # else end the stream, so that the test fails instead of hanging
+        await closing
+        await stream.aclose()
+        assert done, "close() waited for a pump that went on streaming"
+
+
 async def test_gaze_queue_drops_the_oldest_when_full() -> None:
     release = asyncio.Event()
     n_sent = GAZE_QUEUE_LEN + 50
