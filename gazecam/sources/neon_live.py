@@ -208,6 +208,24 @@ async def _one_session(streamer: RTSPRawStreamer) -> AsyncGenerator[_T, None]:
             session.result()
 
 
+async def _next_within(items: AsyncIterator[_T], timeout_s: float) -> _T:
+    """The next item, or asyncio.TimeoutError after ``timeout_s``.
+
+    Not asyncio.wait_for: before Python 3.12 it can swallow a cancellation that comes just as
+    the item does (with gaze at 200 Hz, often), and a pump then streamed on after close().
+    """
+    step = asyncio.ensure_future(anext(items))
+    try:
+        done, _ = await asyncio.wait({step}, timeout=timeout_s)
+    finally:
+        if not step.done():
+            step.cancel()
+            await asyncio.wait({step})  # the generator must be idle before it is closed
+    if not done:
+        raise asyncio.TimeoutError
+    return step.result()
+
+
 class NeonLiveSource:
     """Scene frames and gaze from live Neon glasses, yielded as they arrive."""
 
@@ -402,11 +420,7 @@ class NeonLiveSource:
             try:
                 while True:
                     try:
-                        # Not wait_for: before Python 3.12 it can swallow a cancellation that
-                        # comes as the item does (an item every 5 ms), and the pump went on
-                        # streaming after close().
-                        async with asyncio.timeout(stall_s):
-                            datum = await anext(items)
+                        datum = await _next_within(items, stall_s)
                     except StopAsyncIteration:
                         reason = f"{what} stream ended"
                         break
