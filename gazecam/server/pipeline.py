@@ -37,7 +37,7 @@ class PipelineStats:
     """Running totals since the service started, over all source restarts (updated in place)."""
 
     frames_in: int = 0  # scene frames the source delivered
-    frames_dropped: int = 0  # stale scene frames the source dropped
+    frames_dropped: int = 0  # stale scene frames the source dropped (frames_stale included)
     frames_processed: int = 0  # frames through the capture core (matched with gaze or not)
     keyframes: int = 0  # keyframe crops cut
     keyframes_dropped: int = 0  # replaced in the hand-off before perception took them
@@ -150,9 +150,11 @@ class Pipeline:
                     await self._event(result)
                     continue
                 stats = source.stats
+                # Both are stale: replaced by a newer frame, or off the clock (live glasses).
+                dropped = stats.frames_dropped + stats.frames_stale
                 self.stats.frames_in += stats.frames_in - seen_in
-                self.stats.frames_dropped += stats.frames_dropped - seen_dropped
-                seen_in, seen_dropped = stats.frames_in, stats.frames_dropped
+                self.stats.frames_dropped += dropped - seen_dropped
+                seen_in, seen_dropped = stats.frames_in, dropped
                 self._frame(result)
             self.last_error = "the source ended"
             logger.warning("%s: the source ended; restarting it", source.uri)
