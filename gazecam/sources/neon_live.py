@@ -8,7 +8,9 @@ Live data is bounded on its way in. Scene frames go into a one-slot holder where
 frame replaces one the consumer has not pulled yet (counted in ``stats.frames_dropped``);
 gaze goes into a queue of about 2 s that drops its oldest sample when full (counted in
 ``gaze_dropped``). Frames and gaze are not matched here: the capture stage does that, so the
-library's own matcher, which drops frames, is not used.
+library's own matcher, which drops frames, is not used. A frame whose time (on the local clock)
+is further than ``neon_max_frame_age_s`` from its arrival is never handed over: it is counted
+in ``frames_stale``, and the glasses' clock offset is measured again.
 """
 
 from __future__ import annotations
