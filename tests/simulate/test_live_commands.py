@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from gazecam.sources.synthetic import START_NS, read_frame_code
-from tests.conftest import REPO
+from tests.conftest import REPO, gguf_path
+from tests.perception import require_models
 from tests.simulate.test_neon_simulator import recorded, simulator_thread
 
 DEMO = "synthetic:demo"
@@ -97,6 +98,8 @@ def test_ask_on_the_glasses_names_the_direct_replays_step(
     # command loads its models first, slowly on a busy machine), its answer some seconds
     # later, well inside the first step either way. The simulator and both commands read it.
     monkeypatch.setenv("GAZECAM_SYNTHETIC_DURATION_S", "120")
+    require_models("ppocr-det", "ppocr-rec", "yolox-nano", "efficientnet-lite0")
+    gguf_path()  # the commands' language model
     with simulator_thread(DEMO, sim_loop=True) as sim_thread:
         live = ask(sim_thread.sim.uri, 3)
         started_ns = sim_thread.sim.started_wall_ns
