@@ -302,7 +302,8 @@ async def test_capture_through_the_simulator_picks_the_keyframes_of_the_direct_r
     direct_frames = [index(t) for t in direct]
     assert len(live_frames) == len(direct_frames) >= 5, (live_frames, direct_frames, offset_ns)
     steps = [abs(a - b) for a, b in zip(live_frames, direct_frames, strict=True)]
-    # Live, a frame can be labelled before gaze past it has arrived (the gaze stream lags on
-    # a busy machine), and its fixation is then found a frame or two later: seen once in ten
-    # runs, on one keyframe.
-    assert sum(step > 1 for step in steps) <= 1 and max(steps) <= 3, (live_frames, direct_frames)
+    # Within one frame (issue 12). A keyframe one frame off moves the ones after it by as much
+    # (keyframes come at most once a second, counted from the one before): seen in one run of
+    # five, [0, 0, 0, 0, 1, 1, 1, 1]. The 3 frames off once seen before did not recur in 7
+    # runs (2 of them with two busy loops beside); their cause was not isolated.
+    assert max(steps) <= 1, (live_frames, direct_frames)
