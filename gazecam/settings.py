@@ -42,6 +42,14 @@ class SourceSettings(BaseSettings):
     neon_time_echo_samples: int = Field(
         20, ge=3, description="Time Echo round trips used to estimate the glasses' clock offset."
     )
+    neon_max_frame_age_s: float = Field(
+        1.0,
+        gt=0,
+        le=10,
+        description="A live scene frame whose time (on the local clock) is further than this "
+        "from its arrival is dropped, counted (frames_stale), and the glasses' clock offset "
+        "measured again: a crop must never show the past as the present.",
+    )
     synthetic_duration_s: float = Field(
         60.0, gt=0, description="Length of a synthetic source's scene, in seconds."
     )

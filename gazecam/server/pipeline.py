@@ -25,7 +25,7 @@ from gazecam.errors import GazecamError
 from gazecam.records import Crop, MatchedFrame, SourceEvent, SourceInfo
 from gazecam.server.settings import ServerSettings
 from gazecam.settings import CaptureSettings
-from gazecam.sources.base import Source
+from gazecam.sources.base import Source, SourceStats
 
 logger = logging.getLogger("gazecam.server")
 
@@ -37,7 +37,7 @@ class PipelineStats:
     """Running totals since the service started, over all source restarts (updated in place)."""
 
     frames_in: int = 0  # scene frames the source delivered
-    frames_dropped: int = 0  # stale scene frames the source dropped
+    frames_dropped: int = 0  # stale scene frames the source dropped (frames_stale included)
     frames_processed: int = 0  # frames through the capture core (matched with gaze or not)
     keyframes: int = 0  # keyframe crops cut
     keyframes_dropped: int = 0  # replaced in the hand-off before perception took them
@@ -100,6 +100,7 @@ class Pipeline:
         self.latest: MatchedFrame | None = None
         self.latest_at_s: float | None = None  # time.monotonic() when the latest frame came
         self.latest_crop: Crop | None = None
+        self.source_stats: SourceStats | None = None  # the running source's own counters
         self._slot = KeyframeSlot()
         self._perception = ThreadPoolExecutor(1, thread_name_prefix="gazecam-perception")
         self._tasks: list[asyncio.Task[None]] = []
@@ -140,6 +141,7 @@ class Pipeline:
         source: Source | None = None
         try:
             source = self._make_source()
+            self.source_stats = source.stats
             info = await source.open()
             self.info, self.state, self.last_error = info, "running", None
             seen_in = seen_dropped = 0
@@ -148,9 +150,11 @@ class Pipeline:
                     await self._event(result)
                     continue
                 stats = source.stats
+                # Both are stale: replaced by a newer frame, or off the clock (live glasses).
+                dropped = stats.frames_dropped + stats.frames_stale
                 self.stats.frames_in += stats.frames_in - seen_in
-                self.stats.frames_dropped += stats.frames_dropped - seen_dropped
-                seen_in, seen_dropped = stats.frames_in, stats.frames_dropped
+                self.stats.frames_dropped += dropped - seen_dropped
+                seen_in, seen_dropped = stats.frames_in, dropped
                 self._frame(result)
             self.last_error = "the source ended"
             logger.warning("%s: the source ended; restarting it", source.uri)

@@ -314,6 +314,7 @@ class Runtime:
                 "kind": info.kind if info is not None else None,
                 "state": pipeline.state,
                 "last_error": pipeline.last_error,
+                **self._source_live(),
             },
             "model": {
                 **self.engines.model.info.to_json(),
@@ -333,6 +334,37 @@ class Runtime:
             "frames": asdict(pipeline.stats),
             "uptime_s": round(time.monotonic() - self.started, 3),
         }
+
+    def _source_live(self) -> dict[str, Any]:
+        """The running source's own view: how old the latest frame is, and for live glasses
+        the clock offset, the drops and the reconnects."""
+        pipeline, stats = self.pipeline, self.pipeline.source_stats
+        latest_at_s = pipeline.latest_at_s
+        view: dict[str, Any] = {
+            "latest_frame_age_s": None
+            if latest_at_s is None
+            else round(time.monotonic() - latest_at_s, 3),
+            "clock": None,
+            "live": None,
+        }
+        if stats is None:
+            return view
+        if stats.clock is not None:
+            view["clock"] = {
+                "offset_ms": round(stats.clock.offset_ns / 1e6, 3),
+                "spread_ms": round(stats.clock.spread_ns / 1e6, 3),
+                "samples": stats.clock.samples,
+                "estimates": stats.clock_estimates,
+            }
+        view["live"] = {
+            "frames_in": stats.frames_in,
+            "frames_dropped": stats.frames_dropped,
+            "frames_stale": stats.frames_stale,
+            "gaze_in": stats.gaze_in,
+            "gaze_dropped": stats.gaze_dropped,
+            "reconnects": stats.reconnects,
+        }
+        return view
 
     async def crop_jpeg(self) -> tuple[Crop, bytes]:
         """The latest keyframe crop as JPEG (encoded once per crop)."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gazecam.errors import SourceError
-from gazecam.records import Fixation, GazeSample, SceneFrame, SourceInfo, SourceItem
+from gazecam.records import ClockOffset, Fixation, GazeSample, SceneFrame, SourceInfo, SourceItem
 from gazecam.settings import Pace
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,9 @@ class SourceStats:
     gaze_in: int = 0
     gaze_dropped: int = 0  # live: oldest gaze dropped from a full queue (consumer too slow)
     reconnects: int = 0
+    frames_stale: int = 0  # live: dropped, their time too far from their arrival (wrong clock)
+    clock_estimates: int = 0  # live: Time Echo estimates of the clock offset (open's included)
+    clock: ClockOffset | None = None  # live: the latest estimate (device - local)
 
 
 class Source(Protocol):

@@ -8,7 +8,9 @@ Live data is bounded on its way in. Scene frames go into a one-slot holder where
 frame replaces one the consumer has not pulled yet (counted in ``stats.frames_dropped``);
 gaze goes into a queue of about 2 s that drops its oldest sample when full (counted in
 ``gaze_dropped``). Frames and gaze are not matched here: the capture stage does that, so the
-library's own matcher, which drops frames, is not used.
+library's own matcher, which drops frames, is not used. A frame whose time (on the local clock)
+is further than ``neon_max_frame_age_s`` from its arrival is never handed over: it is counted
+in ``frames_stale``, and the glasses' clock offset is measured again.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections import deque
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from functools import partial
 from typing import TYPE_CHECKING, TypeVar, cast
 
@@ -37,6 +40,7 @@ from gazecam.sources.base import SourceStats
 if TYPE_CHECKING:
     from pupil_labs.realtime_api.device import Device
     from pupil_labs.realtime_api.models import DiscoveredDeviceInfo, Phone, Sensor, Status
+    from pupil_labs.realtime_api.streaming.base import RTSPRawStreamer
     from pupil_labs.realtime_api.streaming.gaze import GazeDataType
     from pupil_labs.realtime_api.streaming.video import VideoFrame
 
@@ -46,6 +50,9 @@ DEFAULT_PORT = 8080
 SCENE_WIDTH_PX, SCENE_HEIGHT_PX = 1600, 1200  # the Neon scene camera
 GAZE_QUEUE_LEN = 400  # 2 s of gaze at Neon's highest rate, 200 Hz
 MAX_BACKOFF_S = 10.0
+# Stale frames lead to a new Time Echo estimate at most this often: frames that stay stale
+# with a fresh estimate come late over a slow link, and measuring again would not help.
+CLOCK_RECHECK_S = 5.0
 
 _ADDRESS = re.compile(r"neon://(?P<host>[^:/]*)(?::(?P<port>[^/]*))?/?")
 # A DNS name or IPv4 address: dot-separated labels of letters, digits and inner hyphens.
@@ -165,28 +172,60 @@ class NeonLink:
         )
 
     def receive_gaze(self, url: str, timeout_s: float) -> AsyncGenerator[GazeDataType, None]:
-        """Gaze data from the device's RTSP gaze stream."""
-        from pupil_labs.realtime_api.streaming import receive_gaze_data
+        """Gaze data from one RTSP session of the device's gaze stream."""
+        from pupil_labs.realtime_api.streaming.gaze import RTSPGazeStreamer
 
-        # run_loop: aiortsp retries a failed RTSP session itself; the source's stall
-        # watchdog catches an outage that lasts.
-        data = receive_gaze_data(url, run_loop=True, timeout=timeout_s, log_level=logging.WARNING)
-        return cast("AsyncGenerator[GazeDataType, None]", data)
+        return _one_session(RTSPGazeStreamer(url, timeout=timeout_s, log_level=logging.WARNING))
 
     def receive_video(self, url: str, timeout_s: float) -> AsyncGenerator[VideoFrame, None]:
-        """Decoded scene camera frames from the device's RTSP video stream."""
-        from pupil_labs.realtime_api.streaming import receive_video_frames
+        """Decoded scene camera frames from one RTSP session of the device's video stream."""
+        from pupil_labs.realtime_api.streaming.video import RTSPVideoFrameStreamer
 
-        frames = receive_video_frames(
-            url, run_loop=True, timeout=timeout_s, log_level=logging.WARNING
-        )
-        return cast("AsyncGenerator[VideoFrame, None]", frames)
+        streamer = RTSPVideoFrameStreamer(url, timeout=timeout_s, log_level=logging.WARNING)
+        return _one_session(streamer)
 
     async def close(self) -> None:
         """Close the HTTP session, if one is open."""
         device, self._device = self._device, None
         if device is not None:
             await device.close()
+
+
+async def _one_session(streamer: RTSPRawStreamer) -> AsyncGenerator[_T, None]:
+    """What one RTSP session yields; raises its error when it failed (a dropped link).
+
+    One session per call: the source's pump reconnects. Not aiortsp's ``run_loop``: the client
+    keeps its RTP-to-wall-clock offset across the sessions of a loop, and a new session's RTP
+    clock starts elsewhere (RFC 3550: at random), so until the new session's first sender
+    report its frames were stamped hours off.
+    """
+    async with streamer:
+        # The gaze and video streamers override receive() with their own item types.
+        async for datum in cast("AsyncIterator[_T]", streamer.receive()):
+            yield datum
+        # aiortsp's reader ends its packets when its session task ends, and leaves that task's
+        # error there: raise it, or the reason of the drop would be lost.
+        session = streamer.reader._runner
+        if session is not None and session.done() and not session.cancelled():
+            session.result()
+
+
+async def _next_within(items: AsyncIterator[_T], timeout_s: float) -> _T:
+    """The next item, or asyncio.TimeoutError after ``timeout_s``.
+
+    Not asyncio.wait_for: before Python 3.12 it can swallow a cancellation that comes just as
+    the item does (with gaze at 200 Hz, often), and a pump then streamed on after close().
+    """
+    step = asyncio.ensure_future(anext(items))
+    try:
+        done, _ = await asyncio.wait({step}, timeout=timeout_s)
+    finally:
+        if not step.done():
+            step.cancel()
+            await asyncio.wait({step})  # the generator must be idle before it is closed
+    if not done:
+        raise asyncio.TimeoutError
+    return step.result()
 
 
 class NeonLiveSource:
@@ -203,6 +242,9 @@ class NeonLiveSource:
         self._where = address  # becomes neon://HOST:PORT once the device is known
         self._urls: tuple[str, str] | None = None  # gaze, scene video
         self._clock: ClockOffset | None = None
+        self._phone: Phone | None = None  # where Time Echo answers
+        self._clock_check: asyncio.Task[None] | None = None
+        self._clock_checked_s = 0.0  # time.monotonic() of the latest estimate
         self._gaze: deque[GazeSample] = deque(maxlen=GAZE_QUEUE_LEN)
         self._frame: SceneFrame | None = None
         self._wake = asyncio.Event()
@@ -220,6 +262,7 @@ class NeonLiveSource:
                 self._sensor_url(status.direct_world_sensor(), "scene camera"),
             )
             camera = await self._scene_camera()
+            self._phone = status.phone
             self._clock = await self._estimate_clock(status.phone)
         except BaseException:
             await self._link.close()  # the caller closes only a source that opened
@@ -276,6 +319,9 @@ class NeonLiveSource:
         self._closed = True
         self._wake.set()
         await self._stop_pumps()
+        if self._clock_check is not None:
+            self._clock_check.cancel()
+            await asyncio.gather(self._clock_check, return_exceptions=True)
         await self._link.close()
 
     async def _discover(self) -> tuple[str, int]:
@@ -326,6 +372,8 @@ class NeonLiveSource:
     async def _estimate_clock(self, phone: Phone) -> ClockOffset | None:
         timeout_s = self._settings.neon_connect_timeout_s
         offset = None
+        self._clock_checked_s = time.monotonic()
+        self.stats.clock_estimates += 1
         if phone.time_echo_port is None:
             reason = "the Companion app has no Time Echo port; update it"
         else:
@@ -339,6 +387,7 @@ class NeonLiveSource:
                 reason = "Time Echo estimation failed"
             except self._link.errors as exc:
                 reason = f"Time Echo: {_describe(exc, timeout_s)}"
+        self.stats.clock = offset or self.stats.clock
         if offset is None:
             logger.warning(
                 "%s: no clock offset (%s); taking the glasses' timestamps as local time",
@@ -373,7 +422,7 @@ class NeonLiveSource:
             try:
                 while True:
                     try:
-                        datum = await asyncio.wait_for(anext(items), stall_s)
+                        datum = await _next_within(items, stall_s)
                     except StopAsyncIteration:
                         reason = f"{what} stream ended"
                         break
@@ -423,10 +472,15 @@ class NeonLiveSource:
         self._wake.set()
 
     def _put_frame(self, frame: VideoFrame) -> None:
+        timestamp_ns = self._local_ns(frame.timestamp_unix_ns)
+        age_s = (time.time_ns() - timestamp_ns) / 1e9
+        if abs(age_s) > self._settings.neon_max_frame_age_s:
+            self._drop_stale_frame(age_s)
+            return
         if self._frame is not None:
             self.stats.frames_dropped += 1  # newest wins: the consumer never saw this one
         self._frame = SceneFrame(
-            timestamp_ns=self._local_ns(frame.timestamp_unix_ns),
+            timestamp_ns=timestamp_ns,
             index=self.stats.frames_in,
             width_px=frame.av_frame.width,
             height_px=frame.av_frame.height,
@@ -434,6 +488,30 @@ class NeonLiveSource:
         )
         self.stats.frames_in += 1
         self._wake.set()
+
+    def _drop_stale_frame(self, age_s: float) -> None:
+        """Drop a frame whose time is off the local clock by more than the tolerance; measure
+        the clock again (the glasses' clock may have been set, e.g. by NTP)."""
+        self.stats.frames_stale += 1
+        checking = self._clock_check is not None and not self._clock_check.done()
+        if checking or time.monotonic() - self._clock_checked_s < CLOCK_RECHECK_S:
+            return
+        logger.warning(
+            "%s: a scene frame %s by %.3g s (over the %g s allowed); dropping such frames "
+            "(frames_stale) and measuring the glasses' clock again",
+            self._where,
+            "arrived late" if age_s > 0 else "is from the future",
+            abs(age_s),
+            self._settings.neon_max_frame_age_s,
+        )
+        self._clock_check = asyncio.create_task(self._check_clock())
+
+    async def _check_clock(self) -> None:
+        if self._phone is None:
+            raise RuntimeError("NeonLiveSource._check_clock() called before open()")
+        offset = await self._estimate_clock(self._phone)
+        if offset is not None:  # else the estimator said why; the old offset stays
+            self._clock = offset
 
     def _local_ns(self, device_ns: int) -> int:
         return self._clock.to_local_ns(device_ns) if self._clock is not None else device_ns

@@ -35,12 +35,17 @@ def test_healthz(client: TestClient) -> None:
 
 def test_status_says_what_is_served_and_counts_frames(client: TestClient) -> None:
     status = client.get("/v1/status").json()
-    assert status["source"] == {
+    source = status["source"]
+    assert {key: source[key] for key in ("address", "kind", "state", "last_error")} == {
         "address": "synthetic:demo",
         "kind": "synthetic",
         "state": "running",
         "last_error": None,
     }
+    # A replay has no device clock, and no reconnects or frames off the clock.
+    assert source["clock"] is None and 0 <= source["latest_frame_age_s"] < 5
+    assert source["live"]["frames_in"] > 0
+    assert source["live"]["reconnects"] == source["live"]["frames_stale"] == 0
     assert status["model"]["language_model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert status["task"] == {
         "name": "Reset the control box",

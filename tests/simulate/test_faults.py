@@ -14,14 +14,17 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from gazecam.records import GazeSample, SceneFrame
 from gazecam.settings import SourceSettings
 from gazecam.simulate.neon_simulator import NeonSimulator
 from gazecam.sources import open_source
+from gazecam.sources.neon_live import NeonLink
 from tests.simulate.test_neon_simulator import simulator
 
+# No frame older than the live source's tolerance (neon_max_frame_age_s) may come out; frames
+# arrive ~0.06 s after capture on an idle machine, and up to ~0.4 s were seen under load.
+MAX_AGE_S = SourceSettings().neon_max_frame_age_s
 Arrival = tuple[int, str, int]  # local arrival time, 'gaze' or 'frame', item timestamp
 
 
@@ -70,29 +73,51 @@ def oldest_frame_s(arrivals: list[Arrival]) -> float:
     return max((t - ts) / 1e9 for t, k, ts in arrivals if k == "frame")
 
 
-# Open (issue 12): after the device comes back, or after the video pump's reconnect, the
-# first frames of the new RTSP session can carry timestamps hours in the past, and a stalled
-# video stream has been seen not to come back within the window. The dropped-connection test
-# passed alone but failed once on a loaded machine; all three document what is still wrong.
-_REJOIN_OPEN = pytest.mark.xfail(
-    reason="stale frame timestamps / no video after a rejoined RTSP session (open)", strict=False
-)
+async def test_a_rejoined_rtsp_session_maps_its_frames_with_its_own_clock(neon_demo: Path) -> None:
+    """The root of stale frames after a drop: the realtime client kept the last session's
+    RTP-to-wall-clock offset for a rejoined one (aiortsp's run_loop), whose RTP clock starts
+    elsewhere; its frames came stamped hours off. Now a session ends with its connection, and
+    the next one maps its own clock from its own sender reports."""
+    async with simulator(neon_demo, sim_loop=True) as sim:
+        link = NeonLink()
+        status = await link.connect("127.0.0.1", sim.http_port)
+        await link.close()
+        world = status.direct_world_sensor()
+        assert world is not None and world.url is not None
+        ages_s: list[list[float]] = [[], []]  # per session: arrival less frame time
+        ended = None
+
+        async def read(session: int) -> None:
+            nonlocal ended
+            try:
+                async for frame in link.receive_video(world.url, 5.0):
+                    ages_s[session].append((time.time_ns() - frame.timestamp_unix_ns) / 1e9)
+                    if session == 0 and len(ages_s[0]) == 5:
+                        await sim.go_away(1)  # a new media, with a new RTP clock, after it
+                    if len(ages_s[session]) == 15:
+                        return
+            except link.errors as exc:
+                ended = exc  # the connection the device dropped
+            assert session == 0, "the second session ended early"
+
+        await asyncio.wait_for(read(0), 10)  # ends with the dropped connection
+        await asyncio.wait_for(read(1), 10)
+    assert max(max(ages) for ages in ages_s) < MAX_AGE_S, ages_s
+    assert 5 <= len(ages_s[0]) < 15 and len(ages_s[1]) == 15, (ages_s, ended)
 
 
-@_REJOIN_OPEN
 async def test_after_a_dropped_connection_frames_and_gaze_return_within_5_s(
     neon_demo: Path,
 ) -> None:
     async with simulator(neon_demo, sim_loop=True) as sim:
-        arrivals, at_s, _ = await live_arrivals(sim, sim.drop_connections, listen_s=6)
-    assert sim.stats.drops == 1
+        arrivals, at_s, reconnects = await live_arrivals(sim, sim.drop_connections, listen_s=6)
+    assert sim.stats.drops == 1 and reconnects >= 2  # both streams
     assert gap_after_s(arrivals, "frame", at_s) < 5
     assert gap_after_s(arrivals, "gaze", at_s) < 5
     assert [t for t, k, _ in arrivals if k == "frame" and t / 1e9 > at_s + 1]  # came back
-    assert oldest_frame_s(arrivals) < 0.5  # nothing stale was handed over
+    assert oldest_frame_s(arrivals) < MAX_AGE_S  # nothing stale was handed over
 
 
-@_REJOIN_OPEN
 async def test_a_device_that_goes_away_answers_nothing_and_comes_back(neon_demo: Path) -> None:
     async with simulator(neon_demo, sim_loop=True) as sim:
         status = f"http://127.0.0.1:{sim.http_port}/api/status"
@@ -107,10 +132,9 @@ async def test_a_device_that_goes_away_answers_nothing_and_comes_back(neon_demo:
             assert response.status == 200
     assert 2 <= gap_after_s(arrivals, "frame", at_s) < 2 + 5
     assert [t for t, k, _ in arrivals if k == "frame" and t / 1e9 > at_s + 4]
-    assert oldest_frame_s(arrivals) < 0.5
+    assert oldest_frame_s(arrivals) < MAX_AGE_S
 
 
-@_REJOIN_OPEN
 async def test_a_stalled_video_stream_is_reconnected_while_gaze_flows_on(
     neon_demo: Path,
 ) -> None:
@@ -119,10 +143,13 @@ async def test_a_stalled_video_stream_is_reconnected_while_gaze_flows_on(
         async def stall() -> None:
             sim.stall("video", 2.5)
 
+        # A watchdog of 2 s, not less: the client's first frame of a new session comes only
+        # after its first sender report (~0.3 s) and the keyframe after it (one per second):
+        # the client drops the packets before that report, the first keyframe among them.
         arrivals, at_s, reconnects = await live_arrivals(
-            sim, stall, listen_s=6, neon_connect_timeout_s=1.0
+            sim, stall, listen_s=6, neon_connect_timeout_s=2.0
         )
-    assert reconnects >= 1  # the video pump's watchdog: no frame for 1 s
+    assert reconnects >= 1  # the video pump's watchdog: no frame for 2 s
     assert 2 <= gap_after_s(arrivals, "frame", at_s) < 2.5 + 5
     assert gap_after_s(arrivals, "gaze", at_s) < 0.5
-    assert oldest_frame_s(arrivals) < 0.5
+    assert oldest_frame_s(arrivals) < MAX_AGE_S

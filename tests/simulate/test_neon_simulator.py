@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import concurrent.futures
 import subprocess
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 from pupil_labs.neon_recording.calib import Calibration
@@ -29,6 +33,7 @@ from gazecam.sources.synthetic import read_frame_code
 from tests.conftest import missing
 
 MAX_LISTEN_S = 9.0  # the recording's gaze lasts 9 s
+_R = TypeVar("_R")
 
 
 def require_gstreamer() -> None:
@@ -48,6 +53,55 @@ def simulator(address: str | Path, **settings: object) -> NeonSimulator:
     require_gstreamer()
     values: dict[str, object] = {"sim_port": 0, "sim_mdns": False, **settings}
     return NeonSimulator(str(address), SimulatorSettings(**values))  # type: ignore[arg-type]
+
+
+@contextmanager
+def simulator_thread(address: str | Path, **settings: object) -> Iterator[SimulatorThread]:
+    """A simulator serving from its own event loop in a thread, for a service or a command
+    line under test (each with a loop of its own); stopped on the way out."""
+    sim = simulator(address, **settings)
+    started: concurrent.futures.Future[asyncio.AbstractEventLoop] = concurrent.futures.Future()
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        async with sim:
+            started.set_result(asyncio.get_running_loop())
+            thread.stop = stop.set
+            await stop.wait()
+
+    def run() -> None:
+        try:
+            asyncio.run(serve())
+        except BaseException as exc:
+            if not started.done():
+                started.set_exception(exc)
+            raise
+
+    thread = SimulatorThread(sim, run)
+    thread.start()
+    try:
+        thread.loop = started.result(timeout=60)
+        yield thread
+    finally:
+        if thread.loop is not None:
+            thread.loop.call_soon_threadsafe(thread.stop)
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "the simulator did not stop"
+
+
+class SimulatorThread(threading.Thread):
+    """A simulator running in a thread: ``call`` runs one of its coroutines there."""
+
+    def __init__(self, sim: NeonSimulator, run: Callable[[], None]) -> None:
+        super().__init__(target=run, name="neon-simulator", daemon=True)
+        self.sim = sim
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stop: Callable[[], None] = lambda: None
+
+    def call(self, coroutine: Coroutine[Any, Any, _R]) -> _R:
+        """Run ``coroutine`` (e.g. ``sim.drop_connections()``) on the simulator's loop."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=30)
 
 
 async def recorded(address: str | Path) -> tuple[list[GazeSample], list[SceneFrame]]:
@@ -248,7 +302,8 @@ async def test_capture_through_the_simulator_picks_the_keyframes_of_the_direct_r
     direct_frames = [index(t) for t in direct]
     assert len(live_frames) == len(direct_frames) >= 5, (live_frames, direct_frames, offset_ns)
     steps = [abs(a - b) for a, b in zip(live_frames, direct_frames, strict=True)]
-    # Live, a frame can be labelled before gaze past it has arrived (the gaze stream lags on
-    # a busy machine), and its fixation is then found a frame or two later: seen once in ten
-    # runs, on one keyframe.
-    assert sum(step > 1 for step in steps) <= 1 and max(steps) <= 3, (live_frames, direct_frames)
+    # Within one frame (issue 12). A keyframe one frame off moves the ones after it by as much
+    # (keyframes come at most once a second, counted from the one before): seen in one run of
+    # five, [0, 0, 0, 0, 1, 1, 1, 1]. The 3 frames off once seen before did not recur in 7
+    # runs (2 of them with two busy loops beside); their cause was not isolated.
+    assert max(steps) <= 1, (live_frames, direct_frames)

@@ -27,12 +27,15 @@ from pupil_labs.realtime_api.streaming.video import VideoFrame
 from gazecam.errors import ConfigError, DeviceUnreachableError, MissingDependencyError, SourceError
 from gazecam.records import CameraIntrinsics, GazeSample, SceneFrame, SourceItem
 from gazecam.settings import SourceSettings
-from gazecam.sources import open_source
+from gazecam.sources import neon_live, open_source
 from gazecam.sources.neon_live import GAZE_QUEUE_LEN, NeonLink, NeonLiveSource, parse_neon_address
 
 ADDRESS = "neon://127.0.0.1:8080"
 DEVICE_AHEAD_MS = 1234  # the fake glasses' clock runs this far ahead of ours
-T0_S = 1_700_000_000.0  # device time of the first synthetic sample
+CLOCK_JUMP_MS = [0]  # and then this much more: a test sets the glasses' clock (as NTP does)
+T0_S = 1_700_000_000.0  # device time of the first synthetic gaze sample
+# Scene frames are stamped with the time they are made (the source drops a frame whose time
+# is further than neon_max_frame_age_s from its arrival).
 
 
 def settings(**overrides: float) -> SourceSettings:
@@ -124,7 +127,7 @@ async def time_echo_port() -> AsyncIterator[int]:
         try:
             while request := await reader.read(8):
                 (client_ms,) = struct.unpack("!Q", request)
-                host_ms = time.time_ns() // 1_000_000 + DEVICE_AHEAD_MS
+                host_ms = time.time_ns() // 1_000_000 + DEVICE_AHEAD_MS + CLOCK_JUMP_MS[0]
                 writer.write(struct.pack("!QQ", client_ms, host_ms))
                 await writer.drain()
         finally:
@@ -133,6 +136,7 @@ async def time_echo_port() -> AsyncIterator[int]:
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
     async with server:
         yield server.sockets[0].getsockname()[1]
+    CLOCK_JUMP_MS[0] = 0
 
 
 def closed_port() -> int:
@@ -194,7 +198,7 @@ def test_missing_library_is_missing_dependency(monkeypatch: pytest.MonkeyPatch) 
 async def test_open_estimates_offset_and_stream_converts_to_local_time(
     time_echo_port: int,
 ) -> None:
-    device_ts_s = T0_S + 0.5
+    device_ts_s = time.time() + DEVICE_AHEAD_MS / 1000  # the glasses' clock now
 
     async def gaze() -> AsyncGenerator[object, None]:
         yield GazeData(812.5, 600.25, True, device_ts_s)
@@ -381,10 +385,11 @@ async def test_slow_consumer_gets_the_newest_frame_and_drops_are_counted() -> No
     release = asyncio.Event()
 
     async def video() -> AsyncGenerator[object, None]:
-        yield video_frame(0, T0_S)
+        t0_s = time.time()
+        yield video_frame(0, t0_s)
         await release.wait()
         for n in range(1, 5):
-            yield video_frame(n, T0_S + n / 30)
+            yield video_frame(n, t0_s + n / 30)
         await stay_silent()
 
     source = NeonLiveSource(ADDRESS, settings(), FakeLink(status(), video=[video]))
@@ -400,6 +405,71 @@ async def test_slow_consumer_gets_the_newest_frame_and_drops_are_counted() -> No
     assert (source.stats.frames_in, source.stats.frames_dropped) == (5, 3)
     await stream.aclose()
     await source.close()
+
+
+async def test_frames_off_the_clock_are_dropped_and_the_clock_measured_again(
+    time_echo_port: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A frame whose time is far from its arrival is never handed over: its stamp is wrong
+    (a new RTSP session mapped with the last one's clock), or the glasses' clock was set."""
+    monkeypatch.setattr(neon_live, "CLOCK_RECHECK_S", 0.0)  # not 5 s: the test is short
+
+    def device_now_s() -> float:
+        return time.time() + (DEVICE_AHEAD_MS + CLOCK_JUMP_MS[0]) / 1000
+
+    async def video() -> AsyncGenerator[object, None]:
+        yield video_frame(1, device_now_s())
+        yield video_frame(2, device_now_s() - 7 * 3600)  # stamped hours in the past
+        CLOCK_JUMP_MS[0] = 3000  # the glasses' clock moves 3 s on
+        for value in range(3, 40):
+            yield video_frame(value, device_now_s())
+            await asyncio.sleep(0.01)
+        await stay_silent()
+
+    source = NeonLiveSource(ADDRESS, settings(), FakeLink(status(time_echo_port), video=[video]))
+    info = await source.open()
+    assert info.clock_offset is not None
+    stream = source.stream()
+    with caplog.at_level(logging.WARNING):
+        frames = await pull(stream, 2)
+    values = [int(f.bgr()[0, 0, 0]) for f in frames if isinstance(f, SceneFrame)]
+    # Frame 2 and those after the jump are dropped until the clock has been measured again.
+    assert values[0] == 1 and values[1] > 3
+    for frame in frames:
+        assert isinstance(frame, SceneFrame)
+        assert abs(time.time_ns() - frame.timestamp_ns) < 1e9
+    assert source.stats.frames_stale == values[1] - 2
+    assert source.stats.clock_estimates == 2
+    assert f"{ADDRESS}: a scene frame arrived late by 2.52e+04 s" in caplog.text
+    await stream.aclose()
+    await source.close()
+
+
+async def test_close_stops_a_busy_stream_at_once() -> None:
+    """Regression: the pumps waited for each item with asyncio.wait_for, which (before Python
+    3.12) can swallow the cancellation close() sends as an item comes; a pump then went on
+    streaming, and close() waited for it as long as the glasses sent."""
+    sending = True
+
+    async def gaze() -> AsyncGenerator[object, None]:
+        while sending:  # an item whenever the loop comes round: the race, every time
+            yield GazeData(1.0, 2.0, True, T0_S)
+            await asyncio.sleep(0)
+
+    for _ in range(20):
+        # No reconnects: a pump that missed its cancellation ends when its stream does.
+        source = NeonLiveSource(
+            ADDRESS, settings(neon_reconnect_attempts=0), FakeLink(status(), gaze=[gaze])
+        )
+        await source.open()
+        stream = source.stream()
+        await pull(stream, 50)
+        closing = asyncio.create_task(source.close())
+        done, _ = await asyncio.wait({closing}, timeout=2)
+        sending = bool(done)  # else end the stream, so that the test fails instead of hanging
+        await closing
+        await stream.aclose()
+        assert done, "close() waited for a pump that went on streaming"
 
 
 async def test_gaze_queue_drops_the_oldest_when_full() -> None:
@@ -430,11 +500,11 @@ async def test_gaze_queue_drops_the_oldest_when_full() -> None:
 
 async def test_reconnects_after_a_dropped_stream(caplog: pytest.LogCaptureFixture) -> None:
     async def dropped() -> AsyncGenerator[object, None]:
-        yield video_frame(1, T0_S)
+        yield video_frame(1, time.time())
         raise ConnectionResetError("Connection reset by peer")
 
     async def resumed() -> AsyncGenerator[object, None]:
-        yield video_frame(2, T0_S + 1)
+        yield video_frame(2, time.time())
         await stay_silent()
 
     source = NeonLiveSource(ADDRESS, settings(), FakeLink(status(), video=[dropped, resumed]))
@@ -493,8 +563,8 @@ async def test_real_rtsp_receiver_to_a_dead_port_counts_as_lost() -> None:
         receive_gaze = NeonLink.receive_gaze  # type: ignore[assignment]
 
     async def video() -> AsyncGenerator[object, None]:
-        for n in range(1000):  # the scene camera keeps delivering meanwhile
-            yield video_frame(0, T0_S + n / 30)
+        for _ in range(1000):  # the scene camera keeps delivering meanwhile
+            yield video_frame(0, time.time())
             await asyncio.sleep(1 / 30)
 
     dead = status()
@@ -508,6 +578,10 @@ async def test_real_rtsp_receiver_to_a_dead_port_counts_as_lost() -> None:
     with pytest.raises(DeviceUnreachableError) as err:
         async for _ in source.stream():
             pass
-    assert str(err.value) == f"{ADDRESS}: stream lost after 1 reconnects (no gaze for 0.3 s)"
+    # The session's own error, not only that it ended.
+    assert str(err.value) == (
+        f"{ADDRESS}: stream lost after 1 reconnects (gaze: Unable to connect to "
+        f"127.0.0.1:{dead.sensors[0].port})"
+    )
     assert source.stats.reconnects == 1 and source.stats.frames_in > 0
     await source.close()
