@@ -15,6 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 BGRImage = NDArray[np.uint8]  # (H, W, 3), BGR, uint8
+I420Image = NDArray[np.uint8]  # (H * 3 / 2, W): the Y plane, then U and V at half resolution
 CropMode = Literal["gaze", "center", "full"]
 SourceKind = Literal["neon-recording", "cloud-export", "neon-live", "synthetic"]
 
@@ -65,7 +66,9 @@ class SceneFrame:
 
     Decoding a 1600×1200 frame to BGR costs milliseconds, and most frames are never cropped,
     so a source hands over a ``decode`` callable instead of the pixels. It works while the
-    source is open.
+    source is open. A source whose decoder yields I420 (H.264 video) also hands over
+    ``decode_i420``: the Neon simulator re-encodes that as it is, where the round trip through
+    BGR cost twice the decoding itself.
     """
 
     timestamp_ns: int
@@ -73,6 +76,7 @@ class SceneFrame:
     width_px: int
     height_px: int
     decode: Callable[[], BGRImage] = field(repr=False, compare=False)
+    decode_i420: Callable[[], I420Image] | None = field(default=None, repr=False, compare=False)
 
     def bgr(self) -> BGRImage:
         """The frame's pixels, (height_px, width_px, 3) BGR uint8."""

@@ -471,13 +471,19 @@ def _widen_pipe(pipe: Any) -> None:
 
 
 def _decode_i420(frame: SceneFrame, address: str, width: int, height: int) -> NDArray[np.uint8]:
-    pixels = frame.decode()
-    if pixels.shape != (height, width, 3):
+    # A video source's frames come as I420 straight from the decoder; the others' via BGR.
+    if frame.decode_i420 is not None:
+        i420 = frame.decode_i420()
+        shape = (i420.shape[1], i420.shape[0] * 2 // 3)
+    else:
+        pixels = frame.decode()
+        shape = (pixels.shape[1], pixels.shape[0])
+        i420 = np.asarray(cv2.cvtColor(pixels, cv2.COLOR_BGR2YUV_I420), dtype=np.uint8)
+    if shape != (width, height):
         raise SourceError(
-            f"{address}: frame {frame.index} is {pixels.shape[1]}×{pixels.shape[0]}, "
-            f"not {width}×{height}"
+            f"{address}: frame {frame.index} is {shape[0]}×{shape[1]}, not {width}×{height}"
         )
-    return np.asarray(cv2.cvtColor(pixels, cv2.COLOR_BGR2YUV_I420), dtype=np.uint8)
+    return i420
 
 
 async def _i420(frame: SceneFrame, address: str, width: int, height: int) -> NDArray[np.uint8]:

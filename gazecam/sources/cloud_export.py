@@ -12,18 +12,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 from numpy.typing import NDArray
 
 from gazecam.errors import SourceError
 from gazecam.records import (
-    BGRImage,
     CameraIntrinsics,
     Fixation,
     GazeArrays,
@@ -48,7 +46,7 @@ from gazecam.sources.csv_table import (
     parse_worn,
     read_csv,
 )
-from gazecam.sources.video import decode_frames, probe_video
+from gazecam.sources.video import decode_frames, lazy_pixels, probe_video
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +140,6 @@ def _read_events(path: Path) -> list[SourceEvent]:
     rows = zip(table[TIMESTAMP_COL].tolist(), table["name"], strict=True)
     events = [SourceEvent(t_ns, name) for t_ns, name in rows]
     return sorted(events, key=lambda e: e.timestamp_ns)
-
-
-def _lazy_bgr(frame: av.VideoFrame) -> Callable[[], BGRImage]:
-    """The BGR conversion costs milliseconds, so only frames that are cropped pay for it."""
-    return lambda: np.asarray(frame.to_ndarray(format="bgr24"), dtype=np.uint8)
 
 
 def _find_video(folder: Path) -> Path:
@@ -310,8 +303,9 @@ class CloudExportSource:
             if frame is None:
                 self._end_video(export, index, reason)
                 return
+            bgr, i420 = lazy_pixels(frame)
             yield SceneFrame(
-                t_ns, index, export.width_px, export.height_px, decode=_lazy_bgr(frame)
+                t_ns, index, export.width_px, export.height_px, decode=bgr, decode_i420=i420
             )
         if export.video_frames is None:  # else open() knew and said so
             try:

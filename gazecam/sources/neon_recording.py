@@ -22,6 +22,7 @@ from gazecam.records import (
     CameraIntrinsics,
     Fixation,
     GazeArrays,
+    I420Image,
     SceneFrame,
     SourceEvent,
     SourceInfo,
@@ -174,10 +175,15 @@ class NeonRecordingSource:
         scene = self._scene
         w, h = int(scene.width), int(scene.height)
         for i, ts in enumerate(self._frame_ts.tolist()):
-            yield SceneFrame(ts, i, w, h, decode=partial(self._decode, i))
+            yield SceneFrame(
+                ts, i, w, h, decode=partial(self._decode, i), decode_i420=partial(self._i420, i)
+            )
 
     def _decode(self, index: int) -> BGRImage:
         return np.asarray(self._scene[index].bgr, dtype=np.uint8)
+
+    def _i420(self, index: int) -> I420Image:
+        return np.asarray(self._scene[index].to_ndarray("yuv420p"), dtype=np.uint8)
 
     def stream(self) -> AsyncIterator[SourceItem]:
         """Gaze, frames, fixations (at their onset) and events, in time order."""

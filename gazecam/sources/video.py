@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -10,9 +10,10 @@ from typing import Any
 
 import av
 import av.error
+import numpy as np
 
 from gazecam.errors import SourceError
-from gazecam.records import BGRImage
+from gazecam.records import BGRImage, I420Image
 
 
 def probe_video(path: Path) -> tuple[int, int, int | None]:
@@ -26,6 +27,16 @@ def probe_video(path: Path) -> tuple[int, int, int | None]:
             return int(stream.codec_context.width), int(stream.codec_context.height), frames
     except (av.error.FFmpegError, OSError) as exc:
         raise SourceError(f"{path}: cannot open the video ({exc})") from exc
+
+
+def lazy_pixels(frame: av.VideoFrame) -> tuple[Callable[[], BGRImage], Callable[[], I420Image]]:
+    """A decoded frame's pixels, converted only when asked for: as BGR (milliseconds, so only
+    frames that are cropped pay for it) and as I420 (a copy of the planes where the frame is
+    yuv420p already, as H.264 is; a conversion otherwise)."""
+    return (
+        lambda: np.asarray(frame.to_ndarray(format="bgr24"), dtype=np.uint8),
+        lambda: np.asarray(frame.to_ndarray(format="yuv420p"), dtype=np.uint8),
+    )
 
 
 def decode_frames(path: Path) -> Iterator[av.VideoFrame]:

@@ -30,6 +30,7 @@ from gazecam.sources import open_source
 from gazecam.sources.base import item_time_ns
 from gazecam.sources.cloud_export import CloudExportSource
 from gazecam.sources.video import VideoWriter
+from tests.sources.test_neon_recording import i420_error
 
 T = TypeVar("T")
 WIDTH_PX, HEIGHT_PX = 320, 240
@@ -173,7 +174,8 @@ def write_export(
 async def read_all(
     source: CloudExportSource,
 ) -> tuple[SourceInfo, list[SourceItem], list[NDArray[np.uint8]]]:
-    """Open, stream and close; also decode every frame while the stream runs."""
+    """Open, stream and close; also decode every frame while the stream runs (and check its
+    I420 pixels are the same)."""
     info = await source.open()
     items: list[SourceItem] = []
     pixels: list[NDArray[np.uint8]] = []
@@ -182,6 +184,7 @@ async def read_all(
             items.append(item)
             if isinstance(item, SceneFrame):
                 pixels.append(item.bgr())
+                assert i420_error(item) < 2
     finally:
         await source.close()
     return info, items, pixels

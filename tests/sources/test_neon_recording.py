@@ -7,6 +7,7 @@ import shutil
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -47,7 +48,21 @@ async def test_info_and_items(neon_demo: Path) -> None:
     # Lazily decoded frames are the right ones, in and out of order.
     for i in (5, 100, 291, 17):
         assert read_frame_code(frames[i].bgr()) == i
+    # The same frames as I420 straight from the decoder (what the Neon simulator encodes).
+    for i in (5, 100):
+        assert read_frame_code(cv2.cvtColor(frames[i].decode_i420(), cv2.COLOR_YUV2BGR_I420)) == i
+        assert i420_error(frames[i]) < 2
     await source.close()
+
+
+def i420_error(frame: SceneFrame) -> float:
+    """Mean absolute difference of a frame's I420 pixels, as BGR, from its BGR pixels: only
+    the rounding of two BT.601 conversions of the same decoded planes."""
+    assert frame.decode_i420 is not None
+    i420 = frame.decode_i420()
+    assert i420.shape == (frame.height_px * 3 // 2, frame.width_px)
+    bgr = cv2.cvtColor(i420, cv2.COLOR_YUV2BGR_I420).astype(np.int16)
+    return float(np.abs(bgr - frame.bgr().astype(np.int16)).mean())
 
 
 @pytest.fixture
