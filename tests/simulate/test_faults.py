@@ -19,7 +19,7 @@ from gazecam.records import GazeSample, SceneFrame
 from gazecam.settings import SourceSettings
 from gazecam.simulate.neon_simulator import NeonSimulator
 from gazecam.sources import open_source
-from gazecam.sources.neon_live import NeonLink
+from gazecam.sources.neon_link import NeonLink
 from tests.simulate.test_neon_simulator import simulator
 
 # No frame older than the live source's tolerance (neon_max_frame_age_s) may come out; frames

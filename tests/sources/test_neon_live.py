@@ -28,7 +28,8 @@ from gazecam.errors import ConfigError, DeviceUnreachableError, MissingDependenc
 from gazecam.records import CameraIntrinsics, GazeSample, SceneFrame, SourceItem
 from gazecam.settings import SourceSettings
 from gazecam.sources import neon_live, open_source
-from gazecam.sources.neon_live import GAZE_QUEUE_LEN, NeonLink, NeonLiveSource, parse_neon_address
+from gazecam.sources.neon_link import NeonLink
+from gazecam.sources.neon_live import GAZE_QUEUE_LEN, NeonLiveSource, parse_neon_address
 
 ADDRESS = "neon://127.0.0.1:8080"
 DEVICE_AHEAD_MS = 1234  # the fake glasses' clock runs this far ahead of ours
