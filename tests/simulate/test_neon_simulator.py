@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import concurrent.futures
+import logging
 import subprocess
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import pytest
 from pupil_labs.neon_recording.calib import Calibration
 from pupil_labs.realtime_api.device import Device
 from pupil_labs.realtime_api.streaming import receive_gaze_data, receive_video_frames
@@ -26,7 +28,7 @@ from pupil_labs.realtime_api.time_echo import TimeOffsetEstimator
 
 from gazecam.capture.pipeline import CaptureResult, capture
 from gazecam.records import GazeSample, SceneFrame, SourceInfo, SourceItem
-from gazecam.settings import CaptureSettings
+from gazecam.settings import CaptureSettings, SourceSettings
 from gazecam.simulate.neon_simulator import NeonSimulator, SimulatorSettings
 from gazecam.sources import Source, open_source
 from gazecam.sources.synthetic import read_frame_code
@@ -140,6 +142,18 @@ async def test_the_realtime_client_reads_status_calibration_and_clock(neon_demo:
     np.testing.assert_array_equal(calibration.scene_camera_matrix, own.scene_camera_matrix)
     assert estimate is not None
     assert abs(estimate.time_offset_ms.median) <= 1  # the same machine's clock
+
+
+async def test_neon_auto_finds_the_simulator_by_mdns(caplog: pytest.LogCaptureFixture) -> None:
+    """``neon://auto``: the realtime client's mDNS discovery finds the announcement (on
+    loopback; a machine whose network has real glasses may find those first)."""
+    caplog.set_level(logging.INFO, logger="gazecam.sources.neon_live")
+    async with simulator("synthetic:demo", sim_mdns=True) as sim:
+        source = open_source("neon://auto", SourceSettings(neon_discovery_timeout_s=10))
+        info = await source.open()
+        await source.close()
+    assert info.kind == "neon-live"
+    assert f"neon://auto: found a Neon at 127.0.0.1:{sim.http_port}" in caplog.messages
 
 
 async def test_gaze_and_frames_arrive_with_the_device_timestamps(neon_demo: Path) -> None:
