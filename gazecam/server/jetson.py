@@ -132,22 +132,26 @@ class TegrastatsCollector(Collector):
             "The Jetson GPU's load (tegrastats GR3D_FREQ), 0 to 1.",
             value=sample.gpu_load_ratio,
         )
-        temperatures = GaugeMetricFamily(
+        yield _labelled(
             "gazecam_jetson_temperature_celsius",
             "Each thermal zone's temperature (tegrastats; tj: the hottest junction).",
-            labels=["zone"],
+            "zone",
+            sample.temperatures_c,
         )
-        for zone, celsius in sample.temperatures_c.items():
-            temperatures.add_metric([zone], celsius)
-        yield temperatures
-        power = GaugeMetricFamily(
+        yield _labelled(
             "gazecam_jetson_power_watts",
             "Each power rail's present power (tegrastats, e.g. VDD_GPU_SOC, VIN_SYS_5V0).",
-            labels=["rail"],
+            "rail",
+            sample.power_w,
         )
-        for rail, watts in sample.power_w.items():
-            power.add_metric([rail], watts)
-        yield power
+
+
+def _labelled(name: str, documentation: str, label: str, values: Mapping[str, float]) -> Metric:
+    """A gauge with one sample per ``values`` key, that key as its ``label``."""
+    family = GaugeMetricFamily(name, documentation, labels=[label])
+    for key, value in values.items():
+        family.add_metric([key], value)
+    return family
 
 
 @contextmanager

@@ -44,6 +44,13 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+def refusal(path: Path) -> ConfigError:
+    """The error that refuses the card at ``path``."""
+    with pytest.raises(ConfigError) as caught:
+        load_task_card(path)
+    return caught.value
+
+
 def test_valid_card_loads(tmp_path: Path) -> None:
     card = load_task_card(write(tmp_path, VALID))
     assert card.name == "Replace the fuse"
@@ -112,10 +119,9 @@ def test_bad_card_gives_one_line_naming_file_and_field(
     tmp_path: Path, text: str, problem: str
 ) -> None:
     path = write(tmp_path, text)
-    with pytest.raises(ConfigError) as caught:
-        load_task_card(path)
-    assert str(caught.value) == f"{path}: {problem}"
-    assert "\n" not in str(caught.value)
+    error = refusal(path)
+    assert str(error) == f"{path}: {problem}"
+    assert "\n" not in str(error)
 
 
 def test_missing_or_unreadable_file(tmp_path: Path) -> None:
@@ -188,9 +194,9 @@ def test_a_card_over_a_size_limit_is_refused_as_too_large(
     tmp_path: Path, text: str, problem: str
 ) -> None:
     path = write(tmp_path, text)
-    with pytest.raises(CardTooLargeError) as caught:
-        load_task_card(path)
-    assert str(caught.value) == f"{path}: {problem}"
+    error = refusal(path)
+    assert isinstance(error, CardTooLargeError)
+    assert str(error) == f"{path}: {problem}"
 
 
 NESTED = f"nested deeper than {MAX_YAML_DEPTH} levels (a task card needs 6)"
@@ -221,9 +227,7 @@ def test_deep_nesting_and_aliases_are_refused_in_one_line(
     tmp_path: Path, text: str, problem: str
 ) -> None:
     path = write(tmp_path, text)
-    with pytest.raises(ConfigError) as caught:
-        load_task_card(path)
-    assert str(caught.value) == f"{path}: {problem}"
+    assert str(refusal(path)) == f"{path}: {problem}"
 
 
 def long_card_yaml(steps: int = 6, instruction_chars: int = 5000) -> str:
@@ -326,10 +330,9 @@ def test_a_bad_photo_gives_one_line_naming_its_field(
 ) -> None:
     photos = {"photos/cover.png": png(64, 48)} | ({} if wide is None else {"wide.jpg": wide})
     path = photo_card(tmp_path, photos)
-    with pytest.raises(ConfigError) as caught:
-        load_task_card(path)
-    assert type(caught.value) is error
-    assert str(caught.value) == f"{path}: steps.1.cues.images.2 {problem}"
+    refused = refusal(path)
+    assert type(refused) is error
+    assert str(refused) == f"{path}: steps.1.cues.images.2 {problem}"
 
 
 def test_a_photo_that_is_a_folder_is_unreadable(tmp_path: Path) -> None:

@@ -4,10 +4,8 @@ machine gives the same answer) only the CPU is measured and each other tier says
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
-import onnxruntime as ort
 import pytest
 
 from gazecam.bench.providers import bench_providers, format_providers
@@ -15,15 +13,7 @@ from gazecam.cli import main
 from gazecam.perception import PerceptionSettings
 from gazecam.trt import providers
 from tests.perception import require_models
-from tests.trt import FAKE_GPU
-
-NO_GPU = replace(
-    FAKE_GPU,
-    ort_providers=tuple(ort.get_available_providers()),
-    compute_capability=None,
-    gpu_name=None,
-    tensorrt_version=None,
-)
+from tests.trt import NO_GPU
 
 
 def test_each_tier_is_timed_or_says_why_not(monkeypatch: pytest.MonkeyPatch) -> None:

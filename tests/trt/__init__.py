@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from gazecam.models import MODELS, ModelSettings
@@ -25,6 +26,8 @@ FAKE_GPU = Platform(
     "FAKE Orin",
     "10.3.0",
 )
+# This machine's ONNX Runtime with no GPU at all (pinned, so a GPU machine answers the same).
+NO_GPU = Platform(tuple(ort.get_available_providers()), None, None, None)
 
 
 def profiles_of(name: str) -> tuple[InputProfile, ...]:

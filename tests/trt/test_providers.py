@@ -9,7 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import onnxruntime as ort
 import pytest
 
 from gazecam.cli import main
@@ -20,15 +19,8 @@ from gazecam.trt import providers
 from gazecam.trt.build import build_engines, runtime_profiles
 from gazecam.trt.cache import engine_paths
 from gazecam.trt.providers import choices, open_session, parse_tiers, plan
-from tests.trt import FAKE_GPU, FakeTensorRT, tiny_models
+from tests.trt import FAKE_GPU, NO_GPU, FakeTensorRT, tiny_models
 
-NO_GPU = replace(
-    FAKE_GPU,
-    ort_providers=tuple(ort.get_available_providers()),
-    compute_capability=None,
-    gpu_name=None,
-    tensorrt_version=None,
-)
 SETTINGS = PerceptionSettings(onnx_providers="auto", trt_precision="fp16")
 TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
 
