@@ -33,12 +33,13 @@ from common import machine_info, pct, write_report  # benchmarks/common.py
 
 from gazecam.capture.crop import make_crop
 from gazecam.models import ModelSettings
-from gazecam.perception import PerceptionSettings, create_perception, resolve_providers
+from gazecam.perception import PerceptionSettings, create_perception
 from gazecam.perception.classifier import ImageClassifier
 from gazecam.perception.detector import ObjectDetector
 from gazecam.perception.ocr import TextReader, cut_line
 from gazecam.records import Crop, MatchedFrame, SceneFrame
 from gazecam.sources.synthetic import START_NS, DemoScene
+from gazecam.trt.providers import choices
 
 SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 CROP_PX = 448
@@ -49,11 +50,12 @@ ROW = "{:20s} {:6s} {:>8s} {:>8s} {:>8s} {:>8s} {:>8s}"
 
 
 def perception_machine(settings: PerceptionSettings) -> dict[str, Any]:
-    """The machine, with the versions and ONNX Runtime settings perception ran with."""
+    """The machine, with the versions and ONNX Runtime settings perception ran with, and the
+    tier each vision model's session really runs on (so: once the sessions are open)."""
     return machine_info(
         opencv=cv2.__version__,
         onnxruntime=ort.__version__,
-        providers=resolve_providers(settings.onnx_providers),
+        providers={name: choice.summary() for name, choice in choices().items()},
         onnx_threads=settings.onnx_threads or "onnxruntime default",
     )
 
@@ -107,16 +109,17 @@ def main() -> None:
     settings = PerceptionSettings(onnx_threads=args.threads)
     models = ModelSettings()
     models = models.model_copy(update={"model_path": [*models.model_path, SHARED_MODELS]})
-    report: dict[str, Any] = {"machine": perception_machine(settings)}
-    m = report["machine"]
-    print(
-        f"machine: {m['cpu']}, {m['cores']} cores; onnxruntime {m['onnxruntime']} on "
-        f"{', '.join(m['providers'])}, threads: {m['onnx_threads']}"
-    )
     reader, detector = TextReader(settings, models), ObjectDetector(settings, models)
     classifier = ImageClassifier(settings, models)
     everything = create_perception(settings, models)
     both = create_perception(settings.model_copy(update={"classifier_enabled": False}), models)
+    report: dict[str, Any] = {"machine": perception_machine(settings)}
+    m = report["machine"]
+    runs_on = "; ".join(f"{name} on {where}" for name, where in m["providers"].items())
+    print(
+        f"machine: {m['cpu']}, {m['cores']} cores; onnxruntime {m['onnxruntime']}, "
+        f"threads: {m['onnx_threads']}; {runs_on}"
+    )
     crops, full = demo_inputs()
     detections_of = {id(c): detector.perceive(c) for c in [*crops, full]}
 
