@@ -99,8 +99,19 @@ class VideoWriter:
         self._stream.width = width_px
         self._stream.height = height_px
         self._stream.pix_fmt = "yuv420p"
-        # One keyframe a second bounds what a crash can lose.
-        self._stream.options = {"g": str(max(1, round(fps))), "preset": "veryfast", "crf": "20"}
+        # Frame threads, not PyAV's default slice threads: one slice per frame, as a phone's
+        # encoder writes (Pupil Labs' client decodes a first multi-slice frame twice, once
+        # only half).
+        self._stream.codec_context.thread_type = "FRAME"
+        # One keyframe a second bounds what a crash can lose. No B-frames: frames coded in the
+        # order they are shown, as a phone's hardware encoder writes them, so the video can be
+        # streamed as it is (``gazecam simulate-neon``; Pupil Labs' client decodes no B-frames).
+        self._stream.options = {
+            "g": str(max(1, round(fps))),
+            "bf": "0",
+            "preset": "veryfast",
+            "crf": "20",
+        }
         # The header now, not at the first frame: a recording stopped before its first frame
         # still has a video (a readable, empty one when fragmented).
         self._container.start_encoding()
