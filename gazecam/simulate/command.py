@@ -33,6 +33,11 @@ class SimulateNeonCommand(BaseModel):
     loop: bool | None = Field(None, description="Play the recording again and again [off].")
     rate: float | None = Field(None, description="Playback speed [GAZECAM_SIM_RATE, 1.0].")
     mdns: bool | None = Field(None, description="Announce the device by mDNS [on].")
+    reencode: bool | None = Field(
+        None,
+        description="Decode and re-encode the scene video even where the recording's H.264 "
+        "could be sent as it is [GAZECAM_SIM_REENCODE, off].",
+    )
     fault: list[str] | None = Field(
         None,
         description="Inject a fault, KIND@AT[:SECONDS] (repeatable): drop@5, stall-video@5:3, "
@@ -55,6 +60,7 @@ class SimulateNeonCommand(BaseModel):
                 sim_loop=self.loop,
                 sim_rate=self.rate,
                 sim_mdns=self.mdns,
+                sim_reencode=self.reencode,
                 sim_faults=self.fault,
             )
         )

@@ -8,7 +8,9 @@ Two servers, one per sensor, each with one shared media mounted at ``/``: the Co
 sensor URLs are ``rtsp://IP:PORT/?PARAMS``, and with the media at ``/`` GStreamer's
 content base (``rtsp://IP:PORT/``) is a URL that the client's SETUP and PLAY map back to it.
 
-- scene video: raw I420 frames -> ``x264enc`` (baseline, zero latency) -> ``rtph264pay``;
+- scene video: the recording's H.264 access units as they are (with ``--codec-data``, its
+  ``avcC`` record) -> ``rtph264pay``; or raw I420 frames -> ``x264enc`` (baseline, zero
+  latency) -> ``rtph264pay``;
 - gaze: RTP packets whose payload is Neon's own (written by the parent, see
   ``neon_simulator.gaze_payload``), wrapped here by ``GstRtp`` and sent as they are.
 
@@ -19,7 +21,9 @@ timestamp the parent asked for.
 Input on stdin, one message after another: a header ``!BqI`` (kind, device time in Unix
 nanoseconds, payload length) and the payload. Kinds: 1 a scene frame (I420, BT.601 limited
 range, width × height × 3 / 2 bytes), 2 a gaze payload, 3 a command (``drop``: close every
-client's connection).
+client's connection), 4 and 5 a scene frame as an H.264 access unit (length-prefixed NAL units,
+as MP4 stores them), 5 where it is a keyframe. A client that joins gets frames from the next
+keyframe on: the ones before it would not decode.
 Output on stdout: one line ``ready WORLD_PORT GAZE_PORT`` once both servers listen. An error
 is one line on stderr and exit code 2.
 """
@@ -34,7 +38,7 @@ import time
 from typing import Any
 
 HEADER = struct.Struct("!BqI")
-KIND_FRAME, KIND_GAZE, KIND_COMMAND = 1, 2, 3
+KIND_FRAME, KIND_GAZE, KIND_COMMAND, KIND_H264, KIND_H264_KEY = 1, 2, 3, 4, 5
 GAZE_CLOCK_HZ = 90_000
 GAZE_PAYLOAD_TYPE = 99
 GAZE_SSRC = 0x4E454F4E  # "NEON"
@@ -48,6 +52,7 @@ def main() -> int:
     parser.add_argument("--width", type=int, required=True)
     parser.add_argument("--height", type=int, required=True)
     parser.add_argument("--fps", type=int, default=30)
+    parser.add_argument("--codec-data", help="the H.264 avcC record in hex: frames come encoded")
     args = parser.parse_args()
     try:
         import gi
@@ -91,17 +96,20 @@ def main() -> int:
             element.set_property("rtcp-min-interval", RTCP_INTERVAL_NS)
 
     sources: dict[str, Any] = {}  # sensor name -> the appsrc of its shared media, once built
+    no_keyframe_yet: set[Any] = set()  # the appsrcs that have been given no H.264 keyframe
     lock = threading.Lock()
 
     def on_configure(_factory: Any, media: Any, name: str) -> None:
         appsrc = media.get_element().get_by_name("src")
         with lock:
             sources[name] = appsrc
+            no_keyframe_yet.add(appsrc)
 
         def on_unprepared(_media: Any) -> None:
             with lock:
                 if sources.get(name) is appsrc:
                     del sources[name]
+                no_keyframe_yet.discard(appsrc)
 
         media.connect("unprepared", on_unprepared)
 
@@ -131,16 +139,24 @@ def main() -> int:
         # sender reports pair the last packet's RTP time with the time of the report.
         f"ssrc=(uint){GAZE_SSRC}"
     )
+    if args.codec_data:
+        h264_caps = (
+            "video/x-h264,stream-format=avc,alignment=au,"
+            f"width={args.width},height={args.height},codec_data=(buffer){args.codec_data}"
+        )
+        video_launch = f"appsrc name=src is-live=true format=time caps={h264_caps}"
+    else:
+        # A constant quantizer: x264's bitrate control (the default, 2 Mbit/s) took nearly
+        # twice the CPU time per frame, for smaller, blurrier frames.
+        video_launch = (
+            f"appsrc name=src is-live=true format=time caps={video_caps} ! "
+            f"x264enc tune=zerolatency speed-preset=ultrafast key-int-max={args.fps} "
+            "pass=quant quantizer=25 threads=1 ! video/x-h264,profile=baseline"
+        )
     try:
         servers = {
             "world": serve(
-                "world",
-                f"( appsrc name=src is-live=true format=time caps={video_caps} ! "
-                # A constant quantizer: x264's bitrate control (the default, 2 Mbit/s) took
-                # nearly twice the CPU time per frame, for smaller, blurrier frames.
-                f"x264enc tune=zerolatency speed-preset=ultrafast key-int-max={args.fps} "
-                "pass=quant quantizer=25 threads=1 ! video/x-h264,profile=baseline ! "
-                "rtph264pay name=pay0 pt=96 config-interval=-1 )",
+                "world", f"( {video_launch} ! rtph264pay name=pay0 pt=96 config-interval=-1 )"
             ),
             "gaze": serve(
                 "gaze",
@@ -176,15 +192,18 @@ def main() -> int:
         running_ns: int = device_ns - offset[0] - base_ns
         return running_ns if base_ns > 0 and running_ns >= 0 else None
 
-    def push_frame(device_ns: int, pixels: bytes) -> None:
+    def push_frame(kind: int, device_ns: int, data: bytes) -> None:
         with lock:
             appsrc = sources.get("world")
-        if appsrc is None:
-            return  # nobody watches: a live camera's frame is gone
-        pts = running_time_ns(appsrc, device_ns)
-        if pts is None:
-            return
-        buffer = Gst.Buffer.new_wrapped(pixels)
+            if appsrc is None:
+                return  # nobody watches: a live camera's frame is gone
+            pts = running_time_ns(appsrc, device_ns)
+            if pts is None:
+                return
+            if kind == KIND_H264 and appsrc in no_keyframe_yet:
+                return  # predicted from a frame this media never had
+            no_keyframe_yet.discard(appsrc)
+        buffer = Gst.Buffer.new_wrapped(data)
         buffer.pts = pts
         appsrc.emit("push-buffer", buffer)
 
@@ -228,8 +247,8 @@ def main() -> int:
                 payload = stdin.read(length)
                 if len(payload) < length:
                     break
-                if kind == KIND_FRAME:
-                    push_frame(device_ns, payload)
+                if kind in (KIND_FRAME, KIND_H264, KIND_H264_KEY):
+                    push_frame(kind, device_ns, payload)
                 elif kind == KIND_GAZE:
                     push_gaze(device_ns, payload)
                 elif kind == KIND_COMMAND and payload == b"drop":

@@ -5,7 +5,8 @@ What the realtime client (``pupil_labs.realtime_api``, unmodified) reads from a 
 - the HTTP API (aiohttp): ``/api/status`` (phone, hardware, the gaze and scene-camera sensors
   with their RTSP URLs), the recording and event endpoints, and ``/calibration.bin``;
 - the RTSP streams (GStreamer's RTSP server, in a child process: see ``gst_rtsp``): the scene
-  video as H.264 and gaze as Neon's own RTP payload, with RTCP sender reports;
+  video as H.264 (the recording's own where it can be streamed as it is, else re-encoded: see
+  ``scene_video``) and gaze as Neon's own RTP payload, with RTCP sender reports;
 - Time Echo (the TCP protocol in ``pupil_labs.realtime_api.time_echo``);
 - an mDNS announcement (zeroconf) under the name the client's discovery looks for.
 
@@ -36,18 +37,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
-from numpy.typing import NDArray
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gazecam.errors import ConfigError, GazecamError, MissingDependencyError, SourceError
+from gazecam.errors import ConfigError, GazecamError, MissingDependencyError
 from gazecam.records import GazeSample, SceneFrame, SourceInfo
 from gazecam.settings import SourceSettings
 from gazecam.simulate import gst_rtsp
 from gazecam.simulate.faults import Faults, FaultStep, parse_fault
-from gazecam.sources import open_source
+from gazecam.simulate.scene_video import H264Track, Passthrough, Reencode, probe_passthrough
+from gazecam.sources import open_source, scene_video_files
 from gazecam.sources.base import Source
 
 logger = logging.getLogger(__name__)
@@ -75,6 +74,12 @@ class SimulatorSettings(BaseSettings):
     sim_rate: float = Field(1.0, gt=0, le=16, description="Playback speed; 1 is real time.")
     sim_loop: bool = Field(False, description="Play the recording again and again.")
     sim_mdns: bool = Field(True, description="Announce the device by mDNS (for neon://auto).")
+    sim_reencode: bool = Field(
+        False,
+        description="Decode the scene video and encode it again (x264, a keyframe a second) "
+        "even where the recording's own H.264 can be sent as it is, which costs several "
+        "times the CPU.",
+    )
     sim_gst_python: str = Field(
         "/usr/bin/python3",
         description="The Python that has PyGObject and GStreamer's RTSP server (Debian's "
@@ -125,6 +130,8 @@ class NeonSimulator:
         self.time_echo_port = 0
         self.device_id = uuid.uuid5(uuid.NAMESPACE_URL, address).hex[:16]
         self._info: SourceInfo | None = None
+        self._video: Passthrough | Reencode | None = None
+        self.video_mode = ""  # how the scene video is sent, in words
         self._child: asyncio.subprocess.Process | None = None
         self._child_errors: deque[str] = deque(maxlen=20)
         self._child_started = False
@@ -158,16 +165,26 @@ class NeonSimulator:
         except ImportError as exc:
             raise MissingDependencyError("aiohttp", "neon", "The Neon simulator") from exc
         source = open_source(self.address, SourceSettings(pace="fast"))
-        self._info = await source.open()  # an unplayable recording fails here, with its name
+        self._info = info = await source.open()  # an unplayable recording fails here
         await source.close()
-        width, height = self._info.frame_width_px, self._info.frame_height_px
+        width, height = info.frame_width_px, info.frame_height_px
         if width % 2 or height % 2:  # I420 halves both (a Neon scene camera's are 1600×1200)
             raise SimulatorError(
                 f"{self.address}: a {width}×{height} scene video; the simulator "
                 "streams even sizes only"
             )
+        track = (
+            "asked to"
+            if self.settings.sim_reencode
+            else await asyncio.to_thread(probe_passthrough, scene_video_files(self.address), info)
+        )
+        if isinstance(track, H264Track):
+            self._video, self.video_mode = Passthrough(track), "the recording's H.264 as it is"
+        else:
+            self._video, self.video_mode = Reencode(self.address, info), f"re-encoded ({track})"
+        logger.info("%s: scene video %s", self.address, self.video_mode)
         try:
-            await self._start_child(self._info)
+            await self._start_child(info)
             await self._start_time_echo()
             await self._start_http(self._info)
             if self.settings.sim_mdns:
@@ -264,6 +281,7 @@ class NeonSimulator:
     # -- the parts ------------------------------------------------------------------------
 
     async def _start_child(self, info: SourceInfo) -> None:
+        passthrough = self._video.track if isinstance(self._video, Passthrough) else None
         try:
             self._child = await asyncio.create_subprocess_exec(
                 self.settings.sim_gst_python,
@@ -274,6 +292,7 @@ class NeonSimulator:
                 str(info.frame_width_px),
                 "--height",
                 str(info.frame_height_px),
+                *(["--codec-data", passthrough.codec_data.hex()] if passthrough else []),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -422,6 +441,8 @@ class NeonSimulator:
         self.started_wall_ns = time.time_ns()
         faults = self.faults
         held: list[tuple[int, bytes]] = []  # gaze held back by Faults.gaze_delay_ns
+        video = self._video
+        assert video is not None
         try:
             async for elapsed_ns, item in self._items():
                 due_ns = start_mono_ns + round(elapsed_ns / rate)
@@ -433,7 +454,8 @@ class NeonSimulator:
                 # The device stamps an item when it is captured: when it was due, on its clock.
                 device_ns = self.started_wall_ns + (due_ns - start_mono_ns) + faults.clock_jump_ns
                 if self.away():
-                    self.stats.frames_skipped += isinstance(item, SceneFrame)
+                    if isinstance(item, SceneFrame):
+                        self._skip_frame()
                     continue
                 if isinstance(item, GazeSample):
                     if now_ns < self.faults.stall_gaze_until_ns:
@@ -446,21 +468,21 @@ class NeonSimulator:
                         self.stats.gaze_sent += len(held)
                         held = []
                 elif now_ns < self.faults.stall_video_until_ns:
-                    self.stats.frames_skipped += 1
-                else:
-                    i420 = await _i420(item, self.address, self._width(), self._height())
-                    await self._send(gst_rtsp.KIND_FRAME, device_ns, i420.reshape(-1).data)
+                    self._skip_frame()
+                elif sent := await video.payload(item):
+                    kind, data = sent
+                    await self._send(kind, device_ns, data)
                     self.stats.frames_sent += 1
+                else:
+                    self.stats.frames_skipped += 1  # not a keyframe, after one was skipped
         finally:
+            video.close()
             self._done.set()
 
-    def _width(self) -> int:
-        assert self._info is not None
-        return self._info.frame_width_px
-
-    def _height(self) -> int:
-        assert self._info is not None
-        return self._info.frame_height_px
+    def _skip_frame(self) -> None:
+        assert self._video is not None
+        self._video.skipped()
+        self.stats.frames_skipped += 1
 
 
 def _widen_pipe(pipe: Any) -> None:
@@ -470,36 +492,6 @@ def _widen_pipe(pipe: Any) -> None:
     fcntl.fcntl(pipe, fcntl.F_SETPIPE_SZ, min(most, 2**20))
 
 
-def _decode_i420(frame: SceneFrame, address: str, width: int, height: int) -> NDArray[np.uint8]:
-    # A video source's frames come as I420 straight from the decoder; the others' via BGR.
-    if frame.decode_i420 is not None:
-        i420 = frame.decode_i420()
-        shape = (i420.shape[1], i420.shape[0] * 2 // 3)
-    else:
-        pixels = frame.decode()
-        shape = (pixels.shape[1], pixels.shape[0])
-        i420 = np.asarray(cv2.cvtColor(pixels, cv2.COLOR_BGR2YUV_I420), dtype=np.uint8)
-    if shape != (width, height):
-        raise SourceError(
-            f"{address}: frame {frame.index} is {shape[0]}×{shape[1]}, not {width}×{height}"
-        )
-    return i420
-
-
-async def _i420(frame: SceneFrame, address: str, width: int, height: int) -> NDArray[np.uint8]:
-    """A frame's pixels as I420 (BT.601, limited range: the colours a decoder assumes for
-    H.264 that does not say), decoded and converted in a worker thread. The child encodes
-    I420 as it is: a BGR frame would be twice the bytes through the pipe, and converting it
-    there (GStreamer's videoconvert) cost more than encoding it. Cancelled, it still waits
-    for the thread: the source must stay open while its decoder runs."""
-    decoding = asyncio.ensure_future(asyncio.to_thread(_decode_i420, frame, address, width, height))
-    try:
-        return await asyncio.shield(decoding)
-    except asyncio.CancelledError:
-        await asyncio.wait([decoding])
-        raise
-
-
 async def serve_forever(simulator: NeonSimulator) -> None:
     """Run a simulator until its recording ends (or forever with ``loop``), printing where."""
     async with simulator:
@@ -507,7 +499,8 @@ async def serve_forever(simulator: NeonSimulator) -> None:
         print(
             f"simulating a Neon from {simulator.address} at {simulator.uri} "
             f"(HTTP http://{simulator.settings.sim_host}:{simulator.http_port}/api/status, "
-            f"RTSP ports {world_port} and {gaze_port}, Time Echo {simulator.time_echo_port})",
+            f"RTSP ports {world_port} and {gaze_port}, Time Echo {simulator.time_echo_port}; "
+            f"scene video {simulator.video_mode})",
             file=sys.stderr,
             flush=True,
         )

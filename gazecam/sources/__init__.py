@@ -14,7 +14,14 @@ from gazecam.errors import ConfigError, SourceError
 from gazecam.settings import SourceSettings
 from gazecam.sources.base import Source, SourceStats
 
-__all__ = ["Source", "SourceStats", "check_address", "detect_folder_format", "open_source"]
+__all__ = [
+    "Source",
+    "SourceStats",
+    "check_address",
+    "detect_folder_format",
+    "open_source",
+    "scene_video_files",
+]
 
 
 def detect_folder_format(path: Path) -> str:
@@ -79,3 +86,18 @@ def open_source(address: str, settings: SourceSettings | None = None) -> Source:
     from gazecam.sources.cloud_export import CloudExportSource
 
     return CloudExportSource(path, settings)
+
+
+def scene_video_files(address: str) -> list[Path]:
+    """A recording's scene video files as stored, in order (a Neon recording's parts); none for
+    a live or synthetic source. For a consumer that passes the video on undecoded."""
+    if address.startswith(("synthetic:", "neon://")):
+        return []
+    path = Path(address).expanduser()
+    if detect_folder_format(path) == "neon-recording":
+        from gazecam.sources.neon_recording import scene_parts
+
+        return scene_parts(path, ".mp4")
+    from gazecam.sources.cloud_export import find_video
+
+    return [find_video(path)]

@@ -142,7 +142,8 @@ def _read_events(path: Path) -> list[SourceEvent]:
     return sorted(events, key=lambda e: e.timestamp_ns)
 
 
-def _find_video(folder: Path) -> Path:
+def find_video(folder: Path) -> Path:
+    """The export's one scene video."""
     # Names starting with "." are macOS resource forks or editor droppings, not videos.
     videos = sorted(p for p in folder.glob("*.mp4") if not p.name.startswith("."))
     if len(videos) != 1:
@@ -169,7 +170,7 @@ def _load(folder: Path) -> tuple[_Export, CameraIntrinsics | None, dict[str, Any
     """Parse and check an export: the data, the camera model and info.json (or {})."""
     if not folder.is_dir():
         raise SourceError(f"{folder}: not a folder")
-    video = _find_video(folder)
+    video = find_video(folder)
     gaze, fixation_ids = _read_gaze(folder / "gaze.csv")
     world_csv = folder / "world_timestamps.csv"
     frames = read_csv(

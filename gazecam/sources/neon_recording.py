@@ -36,6 +36,12 @@ log = logging.getLogger(__name__)
 SCENE_BASENAME = "Neon Scene Camera v1"
 
 
+def scene_parts(path: Path, suffix: str) -> list[Path]:
+    """The scene camera's files of a recording with ``suffix`` ('.mp4', '.time'), part 1 first."""
+    parts = path.glob(f"{SCENE_BASENAME} ps*{suffix}")
+    return sorted(parts, key=lambda p: int(p.stem.rsplit("ps", 1)[1]))
+
+
 def _check_sorted(ts: NDArray[np.int64], what: str) -> None:
     bad = np.flatnonzero(np.diff(ts) < 0)
     if bad.size:
@@ -79,7 +85,7 @@ class NeonRecordingSource:
 
         frame_ts = self._scene_timestamps()
         _check_sorted(frame_ts, f"{path / (SCENE_BASENAME + ' ps1.time')}")
-        if not any(path.glob(f"{SCENE_BASENAME} ps*.mp4")):
+        if not scene_parts(path, ".mp4"):
             raise SourceError(f"{path}: no scene video ('{SCENE_BASENAME} ps1.mp4' is missing)")
         scene = self._stream(rec, "scene", required=True)
         if len(scene) < frame_ts.size:
@@ -163,10 +169,7 @@ class NeonRecordingSource:
         return result
 
     def _scene_timestamps(self) -> NDArray[np.int64]:
-        parts = sorted(
-            self._path.glob(f"{SCENE_BASENAME} ps*.time"),
-            key=lambda p: int(p.stem.rsplit("ps", 1)[1]),
-        )
+        parts = scene_parts(self._path, ".time")
         if not parts:
             raise SourceError(f"{self._path}: no scene timestamps ('{SCENE_BASENAME} ps1.time')")
         return np.concatenate([np.fromfile(p, dtype="<i8") for p in parts]).astype(np.int64)
