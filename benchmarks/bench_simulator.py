@@ -107,15 +107,19 @@ class Simulator:
     """``gazecam simulate-neon`` (the package in ``tree``) as a subprocess, pinned to ``cpu``,
     on a free port."""
 
-    def __init__(self, recording: Path, rate: float, cpu: int | None, tree: Path) -> None:
+    def __init__(
+        self, recording: Path, rate: float, cpu: int | None, tree: Path, reencode: bool = False
+    ) -> None:
         self.env = {**os.environ, "PYTHONPATH": str(tree)}
         self.args = [
             sys.executable, "-m", "gazecam.cli", "simulate-neon", str(recording),
             "--port", "0", "--no-mdns", "--loop", "--rate", str(rate),
+            *(["--reencode"] if reencode else []),
         ]  # fmt: skip
         self.cpu = cpu
         self.process: subprocess.Popen[str] | None = None
         self.port = 0
+        self.video_mode = ""  # how it sends the scene video, as it says
 
     def __enter__(self) -> Simulator:
         cpu = self.cpu
@@ -135,6 +139,8 @@ class Simulator:
                 raise RuntimeError(f"simulate-neon did not start: {self.output()}")
             time.sleep(0.1)
         self.port = int(found[1])
+        mode = re.search(r"scene video (.*)\)$", self.output(), re.MULTILINE)
+        self.video_mode = mode[1] if mode else "?"
         return self
 
     def output(self) -> str:
@@ -214,7 +220,7 @@ async def receive_for(port: int, pid: int, warmup_s: float, window_s: float) -> 
 
 
 def throughput(
-    recording: Path, rate: float, warmup_s: float, window_s: float, tree: Path
+    recording: Path, rate: float, warmup_s: float, window_s: float, tree: Path, reencode: bool
 ) -> dict[str, Any]:
     """The simulator (gazecam from ``tree``) pinned to one CPU at ``rate``: what a client
     receives in the window, and the simulator's CPU time."""
@@ -225,9 +231,10 @@ def throughput(
     before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, client_cpus)
     try:
-        with Simulator(recording, rate, sim_cpu, tree) as sim:
+        with Simulator(recording, rate, sim_cpu, tree, reencode) as sim:
             assert sim.process is not None
             got = asyncio.run(receive_for(sim.port, sim.process.pid, warmup_s, window_s))
+            video_mode = sim.video_mode
     finally:
         os.sched_setaffinity(0, before)
     frames, gaze = got["counts"]["frames"], got["counts"]["gaze"]
@@ -238,6 +245,7 @@ def throughput(
     return {
         "tree": str(tree),
         "rate": rate,
+        "scene_video": video_mode,
         "window_s": window_s,
         "frames": frames,
         "gaze": gaze,
@@ -257,7 +265,8 @@ def throughput(
 def print_throughput(r: dict[str, Any]) -> None:
     """One run's lines."""
     print(
-        f"{r['tree']} rate {r['rate']:g}: {r['frames']} frames, {r['gaze']} gaze in "
+        f"{r['tree']} rate {r['rate']:g}, scene video {r['scene_video']}:\n  "
+        f"{r['frames']} frames, {r['gaze']} gaze in "
         f"{r['window_s']:g} s = "
         f"{r['frames_x_realtime']:.2f}x / {r['gaze_x_realtime']:.2f}x real time"
         # Judged only where the rate lets it reach the target.
@@ -447,6 +456,12 @@ def main() -> None:
         type=Path,
         help="a Neon recording with its scene video (default: neon-demo, its video rendered)",
     )
+    parser.add_argument(
+        "--video",
+        default="as-is,reencode",
+        help="how the simulator sends the scene video (comma-separated runs): as-is (the "
+        "recording's H.264 where it can be sent as it is) or reencode (--reencode)",
+    )
     parser.add_argument("--crops-s", type=float, default=20.0, help="glass-to-crop window")
     parser.add_argument("--asks", type=int, default=6, help="glass-to-answer asks (0: none)")
     parser.add_argument(
@@ -457,14 +472,22 @@ def main() -> None:
         "commit before a change, to compare in one run); default: this repository",
     )
     args = parser.parse_args()
+    videos = args.video.split(",")
+    if unknown := set(videos) - {"as-is", "reencode"}:
+        parser.error(f"--video: {', '.join(sorted(unknown))}: neither as-is nor reencode")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-sim-") as tmp:
         recording = args.recording or recording_with_video(Path(tmp))
         runs = []
         for rate in (float(r) for r in args.rates.split(",")):
-            for tree in args.tree or [REPO]:
-                runs.append(throughput(recording, rate, args.warmup_s, args.window_s, tree))
-                print_throughput(runs[-1])
+            for video in videos:
+                for tree in args.tree or [REPO]:
+                    runs.append(
+                        throughput(
+                            recording, rate, args.warmup_s, args.window_s, tree, video == "reencode"
+                        )
+                    )
+                    print_throughput(runs[-1])
         live = latency(recording, args.crops_s, args.asks)
         print_latency(live)
     report = {"machine": machine_info(), "throughput": runs, "latency": live}
