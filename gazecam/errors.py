@@ -23,6 +23,10 @@ class DeviceUnreachableError(SourceError):
     """A live device could not be found or connected to."""
 
 
+class SimulatorError(GazecamError):
+    """The Neon simulator cannot start or stopped serving (port in use, no GStreamer, ...)."""
+
+
 class MissingDependencyError(GazecamError):
     """An optional package is needed for this feature and is not installed."""
 

@@ -24,27 +24,25 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
 import logging
 import socket
 import struct
 import sys
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gazecam.errors import ConfigError, GazecamError, MissingDependencyError
+from gazecam.errors import ConfigError, MissingDependencyError, SimulatorError
 from gazecam.records import GazeSample, SceneFrame, SourceInfo
 from gazecam.settings import SourceSettings
 from gazecam.simulate import gst_rtsp
 from gazecam.simulate.faults import Faults, FaultStep, parse_fault
+from gazecam.simulate.rtsp_child import RtspChild
 from gazecam.simulate.scene_video import H264Track, Passthrough, Reencode, probe_passthrough
 from gazecam.sources import open_source, scene_video_files
 from gazecam.sources.base import Source
@@ -53,11 +51,6 @@ logger = logging.getLogger(__name__)
 
 # A gap between the passes of a looped recording: one scene frame at 30 Hz.
 _PASS_GAP_NS = 33_333_333
-_CHILD_START_TIMEOUT_S = 20.0
-
-
-class SimulatorError(GazecamError):
-    """The simulator cannot start or stopped serving (port in use, no GStreamer, ...)."""
 
 
 class SimulatorSettings(BaseSettings):
@@ -126,21 +119,23 @@ class NeonSimulator:
         self.faults = Faults()
         self.stats = SimulatorStats()
         self.http_port = 0
-        self.rtsp_ports = (0, 0)  # scene video, gaze
         self.time_echo_port = 0
         self.device_id = uuid.uuid5(uuid.NAMESPACE_URL, address).hex[:16]
         self._info: SourceInfo | None = None
         self._video: Passthrough | Reencode | None = None
         self.video_mode = ""  # how the scene video is sent, in words
-        self._child: asyncio.subprocess.Process | None = None
-        self._child_errors: deque[str] = deque(maxlen=20)
-        self._child_started = False
+        self._child = RtspChild(self.settings.sim_gst_python, self.settings.sim_host)
         self.started_wall_ns = 0  # device time of the first item (before any clock jump)
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: Any = None  # aiohttp's AppRunner
         self._time_echo: asyncio.Server | None = None
         self._zeroconf: Any = None
         self._done = asyncio.Event()
+
+    @property
+    def rtsp_ports(self) -> tuple[int, int]:
+        """The RTSP servers' ports: scene video, gaze."""
+        return self._child.ports
 
     @property
     def uri(self) -> str:
@@ -184,7 +179,7 @@ class NeonSimulator:
             self._video, self.video_mode = Reencode(self.address, info), f"re-encoded ({track})"
         logger.info("%s: scene video %s", self.address, self.video_mode)
         try:
-            await self._start_child(info)
+            await self._child.start(width, height, self._video.codec_data)
             await self._start_time_echo()
             await self._start_http(self._info)
             if self.settings.sim_mdns:
@@ -221,22 +216,14 @@ class NeonSimulator:
             self._time_echo.close()
             await self._time_echo.wait_closed()
             self._time_echo = None
-        if self._child is not None:
-            child, self._child = self._child, None
-            if child.stdin is not None:
-                child.stdin.close()  # the child ends when its input does
-            try:
-                await asyncio.wait_for(child.wait(), 5)
-            except asyncio.TimeoutError:
-                child.kill()
-                await child.wait()
+        await self._child.stop()
 
     # -- faults ---------------------------------------------------------------------------
 
     async def drop_connections(self) -> None:
         """Close every RTSP client's connection, as a Wi-Fi hiccup does."""
         self.stats.drops += 1
-        await self._send(gst_rtsp.KIND_COMMAND, 0, b"drop")
+        await self._child.send(gst_rtsp.KIND_COMMAND, 0, b"drop")
 
     def stall(self, stream: str, seconds: float) -> None:
         """Send nothing on one stream ('video' or 'gaze') for ``seconds``."""
@@ -279,57 +266,6 @@ class NeonSimulator:
                 self.late_gaze(step.value_s, reorder=step.kind == "reorder-gaze")
 
     # -- the parts ------------------------------------------------------------------------
-
-    async def _start_child(self, info: SourceInfo) -> None:
-        passthrough = self._video.track if isinstance(self._video, Passthrough) else None
-        try:
-            self._child = await asyncio.create_subprocess_exec(
-                self.settings.sim_gst_python,
-                gst_rtsp.__file__,
-                "--host",
-                self.settings.sim_host,
-                "--width",
-                str(info.frame_width_px),
-                "--height",
-                str(info.frame_height_px),
-                *(["--codec-data", passthrough.codec_data.hex()] if passthrough else []),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                # Its own session: a Ctrl-C at the terminal is the parent's to handle; the
-                # child ends when its input closes.
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise SimulatorError(
-                f"{self.settings.sim_gst_python}: cannot run it for the RTSP server "
-                f"({exc.strerror}; set GAZECAM_SIM_GST_PYTHON)"
-            ) from exc
-        assert self._child.stdout is not None and self._child.stderr is not None
-        assert self._child.stdin is not None
-        _widen_pipe(self._child.stdin.get_extra_info("pipe"))
-        self._tasks.append(asyncio.create_task(self._log_child(self._child.stderr)))
-        try:
-            line = await asyncio.wait_for(self._child.stdout.readline(), _CHILD_START_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            line = b""
-        words = line.decode(errors="replace").split()
-        if len(words) != 3 or words[0] != "ready":
-            await asyncio.wait_for(self._child.wait(), 5)
-            await asyncio.sleep(0)  # let the stderr reader take the last lines
-            why = self._child_errors[-1] if self._child_errors else "no answer"
-            raise SimulatorError(f"RTSP server did not start: {why}")
-        self.rtsp_ports = (int(words[1]), int(words[2]))
-        self._child_started = True
-
-    async def _log_child(self, stderr: asyncio.StreamReader) -> None:
-        while line := await stderr.readline():
-            text = line.decode(errors="replace").strip()
-            if text and "has no property named 'pt'" not in text:  # GStreamer's own nag
-                self._child_errors.append(text)
-                # Before it started, its last line becomes the SimulatorError.
-                if self._child_started:
-                    logger.warning("RTSP server: %s", text)
 
     async def _start_time_echo(self) -> None:
         async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -399,18 +335,6 @@ class NeonSimulator:
 
     # -- playing --------------------------------------------------------------------------
 
-    async def _send(self, kind: int, device_ns: int, payload: bytes | memoryview) -> None:
-        child = self._child
-        if child is None or child.stdin is None:
-            raise SimulatorError("the RTSP server is not running")
-        try:
-            child.stdin.write(gst_rtsp.HEADER.pack(kind, device_ns, len(payload)))
-            child.stdin.write(payload)
-            await child.stdin.drain()
-        except ConnectionError as exc:
-            why = self._child_errors[-1] if self._child_errors else "it exited"
-            raise SimulatorError(f"the RTSP server stopped: {why}") from exc
-
     async def _items(self) -> AsyncIterator[tuple[int, GazeSample | SceneFrame]]:
         """``(time since the start of the first pass, item)`` of every pass, in order."""
         offset_ns = 0
@@ -464,14 +388,14 @@ class NeonSimulator:
                     if device_ns - held[0][0] >= self.faults.gaze_delay_ns:
                         burst = held[::-1] if self.faults.gaze_reorder else held
                         for stamp_ns, payload in burst:
-                            await self._send(gst_rtsp.KIND_GAZE, stamp_ns, payload)
+                            await self._child.send(gst_rtsp.KIND_GAZE, stamp_ns, payload)
                         self.stats.gaze_sent += len(held)
                         held = []
                 elif now_ns < self.faults.stall_video_until_ns:
                     self._skip_frame()
                 elif sent := await video.payload(item):
                     kind, data = sent
-                    await self._send(kind, device_ns, data)
+                    await self._child.send(kind, device_ns, data)
                     self.stats.frames_sent += 1
                 else:
                     self.stats.frames_skipped += 1  # not a keyframe, after one was skipped
@@ -483,13 +407,6 @@ class NeonSimulator:
         assert self._video is not None
         self._video.skipped()
         self.stats.frames_skipped += 1
-
-
-def _widen_pipe(pipe: Any) -> None:
-    """Give the pipe to the child 1 MiB (or the system's most): a 2.9 MB frame through the
-    default 64 KiB is 45 writes and as many wake-ups of both processes."""
-    most = int(Path("/proc/sys/fs/pipe-max-size").read_text())
-    fcntl.fcntl(pipe, fcntl.F_SETPIPE_SZ, min(most, 2**20))
 
 
 async def serve_forever(simulator: NeonSimulator) -> None:

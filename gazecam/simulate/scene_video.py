@@ -112,6 +112,7 @@ class Passthrough:
 
     def __init__(self, track: H264Track) -> None:
         self.track = track
+        self.codec_data: bytes | None = track.codec_data  # the RTSP child's H.264 parameters
         self._packets: Generator[tuple[bytes, bool], None, None] | None = None
         self._next_index = 0
         self._need_keyframe = True
@@ -136,7 +137,8 @@ class Passthrough:
         except StopIteration:
             raise SourceError(f"{self.track.parts[-1]}: no packet for frame {index}") from None
         except (av.error.FFmpegError, OSError) as exc:
-            raise SourceError(f"{self.track.parts[0]}: cannot read frame {index} ({exc})") from exc
+            where = self.track.parts[0].parent
+            raise SourceError(f"{where}: cannot read scene frame {index} ({exc})") from exc
 
     def skipped(self) -> None:
         """A frame was not sent."""
@@ -167,6 +169,7 @@ class Reencode:
     def __init__(self, address: str, info: SourceInfo) -> None:
         self._address = address
         self._size = (info.frame_width_px, info.frame_height_px)
+        self.codec_data: bytes | None = None  # the RTSP child encodes
 
     def skipped(self) -> None:
         """A frame was not sent (nothing to do: every encoded frame stands on its own)."""
