@@ -170,8 +170,6 @@ class LanguageModel:
     def __init__(
         self, settings: LLMSettings | None = None, models: ModelSettings | None = None
     ) -> None:
-        from gazecam.perception import resolve_providers
-
         self.settings = settings or LLMSettings()
         model_dir = converted_model_dir(self.settings, models or ModelSettings())
         try:
@@ -191,7 +189,7 @@ class LanguageModel:
             self.session = ort.InferenceSession(
                 str(model_dir / "model.onnx"),
                 sess_options=options,
-                providers=resolve_providers(self.settings.llm_providers),
+                providers=self.settings.providers(),
             )
         except (RuntimeError, ValueError) as exc:  # onnxruntime's errors derive from these
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

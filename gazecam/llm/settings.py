@@ -9,8 +9,11 @@ from typing import Any, Literal
 from pydantic import AnyHttpUrl, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gazecam.errors import ConfigError
 from gazecam.models import ModelSettings
 
+# What llm_providers "auto" picks from, fastest first: TensorRT, then CUDA, then the CPU.
+AUTO_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 EngineName = Literal["text", "vlm", "remote"]
 # The help of the --engine, --vlm and --remote-* flags of ask, serve and bench.
 ENGINE_HELP = (
@@ -144,6 +147,24 @@ class LLMSettings(BaseSettings):
         "local text engine answers and the answer says why (engine.fallback); off: the ask "
         "fails (the CLI exits 2, the service sends an error frame).",
     )
+
+    def providers(self) -> list[str]:
+        """The execution providers ``llm_providers`` names, checked against this onnxruntime
+        build; ConfigError naming the setting where one is not there."""
+        import onnxruntime as ort
+
+        spec = self.llm_providers
+        available: list[str] = ort.get_available_providers()
+        if spec.strip() == "auto":
+            return [p for p in AUTO_PROVIDERS if p in available]
+        wanted = [p.strip() for p in spec.split(",") if p.strip()]
+        missing = [p for p in wanted if p not in available]
+        if not wanted or missing:
+            raise ConfigError(
+                f"llm_providers={spec!r}: {', '.join(missing) or 'none named'} not available "
+                f"(this onnxruntime has: {', '.join(available)})"
+            )
+        return wanted
 
     @model_validator(mode="after")
     def _check_remote(self) -> LLMSettings:

@@ -18,17 +18,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gazecam.errors import ConfigError
 from gazecam.models import ModelSettings
 from gazecam.records import Box, Crop, Percept, Region, RegionKind
 from gazecam.trt import Precision
 
 if TYPE_CHECKING:
     from gazecam.perception.classifier import ImageClassifier
-
-# What "auto" picks from, fastest first: TensorRT, then CUDA, then the CPU.
-AUTO_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-
 
 class PerceptionSettings(BaseSettings):
     """Which perception backends run, their thresholds, and how ONNX Runtime runs them."""
@@ -120,23 +115,6 @@ class RegionFinder(Protocol):
     def perceive(self, crop: Crop) -> list[Region]:
         """The regions found in the crop, boxes in frame pixels."""
         ...
-
-
-def resolve_providers(spec: str) -> list[str]:
-    """The execution providers a setting names, checked against this onnxruntime build."""
-    import onnxruntime as ort
-
-    available: list[str] = ort.get_available_providers()
-    if spec.strip() == "auto":
-        return [p for p in AUTO_PROVIDERS if p in available]
-    wanted = [p.strip() for p in spec.split(",") if p.strip()]
-    missing = [p for p in wanted if p not in available]
-    if not wanted or missing:
-        raise ConfigError(
-            f"onnx_providers={spec!r}: {', '.join(missing) or 'none named'} not available "
-            f"(this onnxruntime has: {', '.join(available)})"
-        )
-    return wanted
 
 
 def onnx_session(

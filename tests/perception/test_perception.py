@@ -6,19 +6,15 @@ import math
 
 import cv2
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from gazecam.capture.crop import make_crop as crop_around_gaze
-from gazecam.errors import ConfigError
 from gazecam.perception import (
-    AUTO_PROVIDERS,
     Perception,
     PerceptionSettings,
     create_perception,
     distance_to_box_px,
     gaze_point_px,
-    resolve_providers,
     to_region,
 )
 from gazecam.records import Box, MatchedFrame, Percept, SceneFrame
@@ -49,18 +45,6 @@ def test_settings_read_gazecam_variables(monkeypatch: pytest.MonkeyPatch) -> Non
     assert (settings.object_score, settings.ocr_enabled) == (0.6, False)
     assert settings.onnx_providers == "CPUExecutionProvider"
     assert all(field.description for field in PerceptionSettings.model_fields.values())
-
-
-def test_auto_providers_prefer_tensorrt_then_cuda_then_cpu() -> None:
-    available = ort.get_available_providers()
-    assert resolve_providers("auto") == [p for p in AUTO_PROVIDERS if p in available]
-    assert resolve_providers("auto")[-1] == "CPUExecutionProvider"
-    assert resolve_providers(" CPUExecutionProvider ") == ["CPUExecutionProvider"]
-
-
-def test_unavailable_provider_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match=r"NoSuchExecutionProvider not available"):
-        resolve_providers("NoSuchExecutionProvider,CPUExecutionProvider")
 
 
 @pytest.mark.parametrize(
