@@ -60,6 +60,18 @@ def render_scene_video(
             writer.write(scene.render(first_index + i, (t - ts[0]) / 1e9))
 
 
+def two_part_recording(dest: Path, recording: Path, split: int) -> Path:
+    """A copy of ``recording`` in two parts (ps1, ps2), the second from frame ``split`` on."""
+    shutil.copytree(recording, dest, copy_function=shutil.copyfile)
+    ts = np.fromfile(dest / SCENE_TIME, "<i8")
+    ts[:split].tofile(dest / SCENE_TIME)
+    ts[split:].tofile(dest / SCENE_TIME.replace("ps1", "ps2"))
+    (dest / SCENE_VIDEO).unlink()
+    render_scene_video(dest, part=1)
+    render_scene_video(dest, part=2, first_index=split)
+    return dest
+
+
 @pytest.fixture(scope="session")
 def neon_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The neon-demo recording with a rendered scene video (made once per test session)."""

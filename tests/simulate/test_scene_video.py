@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from pupil_labs.realtime_api.streaming import receive_video_frames
 
+from gazecam.errors import SourceError
 from gazecam.records import SceneFrame, SourceInfo
 from gazecam.simulate import gst_rtsp
 from gazecam.simulate.scene_video import H264Track, Passthrough, Reencode, probe_passthrough
 from gazecam.sources import scene_video_files
 from gazecam.sources.synthetic import read_frame_code
-from tests.conftest import SCENE_VIDEO
+from tests.conftest import SCENE_VIDEO, two_part_recording
 from tests.simulate.test_neon_simulator import recorded, simulator
 
 W, H = 64, 48
@@ -111,6 +112,30 @@ async def test_passthrough_sends_packets_as_stored_and_restarts_at_a_keyframe(
         video_out.close()
 
 
+async def test_the_parts_of_a_recording_are_sent_as_one_video(
+    tmp_path: Path, neon_demo: Path
+) -> None:
+    rec = two_part_recording(tmp_path / "two-parts", neon_demo, 150)
+    parts = scene_video_files(str(rec))
+    assert [p.name for p in parts] == [SCENE_VIDEO, SCENE_VIDEO.replace("ps1", "ps2")]
+    track = probe_passthrough(parts, info(292, 1600, 1200))
+    assert isinstance(track, H264Track), track
+    stored = []
+    for part in parts:
+        with av.open(str(part)) as container:
+            stored += [bytes(p) for p in container.demux(container.streams.video[0]) if p.size]
+    video_out = Passthrough(track)
+    try:
+        for i in (0, 149, 150, 291):  # the last of part 1, the first of part 2 (a keyframe)
+            sent = await video_out.payload(frame(i))
+            assert sent is not None and sent[1] == stored[i]
+        assert sent[0] == gst_rtsp.KIND_H264
+        with pytest.raises(SourceError, match="no packet for frame 292"):
+            await video_out.payload(frame(292))
+    finally:
+        video_out.close()
+
+
 async def test_reencode_hands_over_i420_and_refuses_a_frame_of_another_size() -> None:
     video_out = Reencode("test", info(1))
     bgr = np.zeros((H, W, 3), dtype=np.uint8)
@@ -118,7 +143,7 @@ async def test_reencode_hands_over_i420_and_refuses_a_frame_of_another_size() ->
     assert sent is not None and sent[0] == gst_rtsp.KIND_FRAME
     assert len(sent[1]) == W * H * 3 // 2
     small = np.zeros((H // 2, W, 3), dtype=np.uint8)
-    with pytest.raises(Exception, match=f"frame 1 is {W}×{H // 2}, not {W}×{H}"):
+    with pytest.raises(SourceError, match=f"frame 1 is {W}×{H // 2}, not {W}×{H}"):
         await video_out.payload(SceneFrame(0, 1, W, H, decode=lambda: small))
 
 

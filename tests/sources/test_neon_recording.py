@@ -17,7 +17,13 @@ from gazecam.settings import SourceSettings
 from gazecam.sources import open_source
 from gazecam.sources.base import item_time_ns
 from gazecam.sources.synthetic import read_frame_code
-from tests.conftest import SCENE_TIME, SCENE_VIDEO, copy_recording, render_scene_video
+from tests.conftest import (
+    SCENE_TIME,
+    SCENE_VIDEO,
+    copy_recording,
+    render_scene_video,
+    two_part_recording,
+)
 
 
 async def test_info_and_items(neon_demo: Path) -> None:
@@ -114,14 +120,8 @@ async def test_corrupt_video_is_named(broken: Path) -> None:
 
 async def test_multipart_recordings_are_joined(tmp_path: Path, neon_demo: Path) -> None:
     """A recording in two parts (ps1, ps2) reads as one, frames and timestamps in order."""
-    rec = tmp_path / "two-parts"
-    shutil.copytree(neon_demo, rec, copy_function=shutil.copyfile)
-    ts = np.fromfile(rec / SCENE_TIME, "<i8")
-    ts[:150].tofile(rec / SCENE_TIME)
-    ts[150:].tofile(rec / SCENE_TIME.replace("ps1", "ps2"))
-    (rec / SCENE_VIDEO).unlink()
-    render_scene_video(rec, part=1)
-    render_scene_video(rec, part=2, first_index=150)
+    rec = two_part_recording(tmp_path / "two-parts", neon_demo, 150)
+    ts = np.fromfile(neon_demo / SCENE_TIME, "<i8")
     source = open_source(str(rec))
     await source.open()
     frames = [i async for i in source.stream() if isinstance(i, SceneFrame)]
