@@ -6,12 +6,13 @@ environment variable always mean the same thing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Literal
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gazecam.errors import ConfigError
 from gazecam.records import CropMode
 
 Pace = Literal["realtime", "fast"]
@@ -129,3 +130,13 @@ def settings_problem(exc: ValidationError, flags: Mapping[str, str]) -> str:
             where = f"--{flags[name].replace('_', '-')} / {where}"
         problems.append(f"{where}: {error['msg']}")
     return "; ".join(problems)
+
+
+def comma_names(spec: str, setting: str, known: Collection[str], why: str) -> list[str]:
+    """The names a comma-separated setting lists, each one of ``known``; else a ConfigError
+    naming the setting, the others and ``why`` they do not do (e.g. "not available (...)")."""
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    others = [name for name in names if name not in known]
+    if not names or others:
+        raise ConfigError(f"{setting}={spec!r}: {', '.join(others) or 'none named'} {why}")
+    return names

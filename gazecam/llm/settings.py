@@ -9,8 +9,8 @@ from typing import Any, Literal
 from pydantic import AnyHttpUrl, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gazecam.errors import ConfigError
 from gazecam.models import ModelSettings
+from gazecam.settings import comma_names
 
 # What llm_providers "auto" picks from, fastest first: TensorRT, then CUDA, then the CPU.
 AUTO_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -157,14 +157,8 @@ class LLMSettings(BaseSettings):
         available: list[str] = ort.get_available_providers()
         if spec.strip() == "auto":
             return [p for p in AUTO_PROVIDERS if p in available]
-        wanted = [p.strip() for p in spec.split(",") if p.strip()]
-        missing = [p for p in wanted if p not in available]
-        if not wanted or missing:
-            raise ConfigError(
-                f"llm_providers={spec!r}: {', '.join(missing) or 'none named'} not available "
-                f"(this onnxruntime has: {', '.join(available)})"
-            )
-        return wanted
+        has = f"not available (this onnxruntime has: {', '.join(available)})"
+        return comma_names(spec, "llm_providers", available, has)
 
     @model_validator(mode="after")
     def _check_remote(self) -> LLMSettings:

@@ -25,6 +25,7 @@ from gazecam.trt import Precision
 if TYPE_CHECKING:
     from gazecam.perception.classifier import ImageClassifier
 
+
 class PerceptionSettings(BaseSettings):
     """Which perception backends run, their thresholds, and how ONNX Runtime runs them."""
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gazecam.errors import ConfigError
 from gazecam.models import ModelError, ModelSettings
+from gazecam.settings import comma_names
 from gazecam.trt import EngineError, Platform, probe_platform, tensorrt_too_old
 from gazecam.trt.build import runtime_profiles
 from gazecam.trt.cache import InputProfile, check_engine, engine_key, has_engine
@@ -82,13 +82,11 @@ def parse_tiers(spec: str) -> list[str]:
     """The tiers a setting names, best first, the CPU last; ConfigError for an unknown name."""
     if spec.strip() == "auto":
         return list(TIERS)
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    unknown = [n for n in names if n not in TIER_OF_NAME]
-    if not names or unknown:
-        raise ConfigError(
-            f"onnx_providers={spec!r}: {', '.join(unknown) or 'none named'} unknown (known: auto, "
-            f"{', '.join(TIERS)}, or the ONNX Runtime providers {TRT_EP}, {CUDA_EP}, {CPU_EP})"
-        )
+    known = (
+        f"unknown (known: auto, {', '.join(TIERS)}, or the ONNX Runtime providers {TRT_EP}, "
+        f"{CUDA_EP}, {CPU_EP})"
+    )
+    names = comma_names(spec, "onnx_providers", TIER_OF_NAME, known)
     tiers = list(dict.fromkeys(TIER_OF_NAME[n] for n in names))
     return tiers if "cpu" in tiers else [*tiers, "cpu"]
 
