@@ -22,8 +22,8 @@ Workloads, on the token ids gazecam's tokenizer and templates make:
 
 Every engine decodes exactly the tokens asked for, end-of-sequence ignored (gazecam: its stop
 ids cleared while the benchmark runs). One warm-up round, then ``--rounds`` rounds; each runs
-every engine once per workload, in an order that rotates from round to round. Medians, with
-the 10th and 90th percentiles.
+every engine once per workload, in a new random order each round (seeded), 0.1 s apart.
+Medians, with the 10th and 90th percentiles.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from gazecam.models import ModelSettings, model_path
 
 HERE = Path(__file__).resolve().parent
 THREADS = 2
+SETTLE_S = 0.1  # a pause before each run
 PEERS = {"llama": "llama.cpp", "genai": "onnxruntime-genai"}
 PEER_PACKAGES = [
     ["llama-cpp-python==0.3.36"],  # built from source: CMAKE_ARGS below
@@ -237,11 +238,14 @@ def measure(w: Workloads, rounds: int) -> tuple[dict[str, Any], dict[str, Any]]:
     texts (peers' tokens decoded with gazecam's tokenizer) to compare the engines' answers."""
     samples: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     texts: dict[str, dict[str, str]] = defaultdict(dict)
+    order = np.random.default_rng(0)
     for round_ in range(-1, rounds):
         for workload in ("ask", "prefill", "short"):
-            engines = engines_of(workload)
-            shift = max(round_, 0) % len(engines)
-            for engine in engines[shift:] + engines[:shift]:
+            # A new order each round, not a rotation: a rotation keeps each engine's
+            # predecessor, and a peer's threads spin on for a while after its run, which
+            # slowed whichever engine always came next (gazecam sparse's TTFT by ~20 ms).
+            for engine in order.permutation(engines_of(workload)).tolist():
+                time.sleep(SETTLE_S)  # the last run's spinning threads go to sleep
                 result = w.run(workload, engine, round_)
                 if round_ < 0:
                     if "tokens" in result:  # a peer's answer, in gazecam's words
