@@ -9,9 +9,11 @@ scene video, as the tests give it (``tests.conftest.render_scene_video``), in a 
    CPU (its GStreamer child inherits the pin); Pupil Labs' realtime client, unmodified, reads
    both RTSP streams in this process (on the other CPUs where there are any). Over a window,
    frames and gaze samples received per wall second, relative to the recording's own rates,
-   are the simulator's speed as a multiple of real time (it cannot exceed R). The CPU time the
-   simulator and its child spent per second of the recording they delivered says where the
-   time goes and how fast one core could go (recording seconds per CPU second).
+   are the simulator's speed as a multiple of real time (it cannot exceed R), once for each
+   way of sending the scene video (``--video``: the recording's H.264 as it is, and
+   re-encoded with ``--reencode``). The CPU time the simulator and its child spent per second
+   of the recording they delivered says where the time goes and how fast one core could go
+   (recording seconds per CPU second).
 2. Live latency, at real time: ``neon://`` through the simulator into the capture pipeline.
    Glass-to-crop is a keyframe crop's availability less its frame's capture time (the device
    timestamp mapped to local time through the Time Echo clock offset, as ``NeonLiveSource``
