@@ -97,7 +97,7 @@ def ensure_peers(peers_dir: Path) -> tuple[Path, Path]:
 
 def converted_dir() -> Path:
     """gazecam's converted model (its tokenizer.json is the GGUF's tokenizer)."""
-    from gazecam.llm.decoder import converted_model_dir
+    from gazecam.llm.converted import converted_model_dir
 
     return converted_model_dir(LLMSettings(), ModelSettings())
 

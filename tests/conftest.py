@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from gazecam.llm import LanguageModel, LLMSettings
-from gazecam.llm.decoder import converted_model_dir
+from gazecam.llm.converted import converted_model_dir
 from gazecam.models import ModelError, ModelSettings, model_path
 from gazecam.sources.synthetic import DemoScene
 from gazecam.sources.video import VideoWriter

@@ -21,7 +21,7 @@ import pytest
 import gazecam.models as models_module
 from gazecam.cli import main
 from gazecam.llm import LLMSettings
-from gazecam.llm.decoder import CONVERTED_NAME, converted_model_dir
+from gazecam.llm.converted import CONVERTED_NAME, converted_model_dir
 from gazecam.models import (
     BUNDLED_DIR,
     MODELS,

@@ -40,13 +40,8 @@ from gazecam.assist.memory import MemoryRegion, MemorySettings, VisualMemory
 from gazecam.assist.steps import StepEstimate, StepSettings, StepTracker
 from gazecam.assist.tasks import TaskCard, load_task_card
 from gazecam.errors import ConfigError, GazecamError
-from gazecam.llm.decoder import (
-    LOCAL_RESERVE,
-    REGION_MAX_TOKENS,
-    EngineInfo,
-    GenerationStats,
-    LanguageModel,
-)
+from gazecam.llm.decoder import LOCAL_RESERVE, REGION_MAX_TOKENS, LanguageModel
+from gazecam.llm.records import EngineInfo, GenerationStats
 from gazecam.llm.settings import LLMSettings
 from gazecam.llm.tokenizer import ChatFormat, Prompt
 from gazecam.models import ModelError, ModelSettings, fetch

@@ -8,7 +8,8 @@ and nearest the gaze. The model is converted from its GGUF once, at first use
 
 from __future__ import annotations
 
-from gazecam.llm.decoder import GenerationStats, LanguageModel
+from gazecam.llm.decoder import LanguageModel
+from gazecam.llm.records import GenerationStats
 from gazecam.llm.settings import LLMSettings
 
 __all__ = ["GenerationStats", "LLMSettings", "LanguageModel"]

@@ -35,35 +35,30 @@ import json
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 from enum import Enum
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from gazecam.assist.memory import MemoryRegion, MemorySettings
-from gazecam.errors import ConfigError, MissingDependencyError
+from gazecam.errors import ConfigError
 from gazecam.llm.binding import BoundKV, Outputs
+from gazecam.llm.converted import EMBEDDINGS, TokenEmbeddings, converted_model_dir
 from gazecam.llm.kv import GroupKind, KVCache, KVGroup
+from gazecam.llm.records import EngineInfo, GenerationStats, StopReason, UnitGroup
 from gazecam.llm.sampling import sample, stream_piece
 from gazecam.llm.settings import LLMSettings
 from gazecam.llm.sparse import region_scores, select
 from gazecam.llm.tokenizer import ChatTokenizer, Prompt, chat_format, region_prompt
-from gazecam.models import ModelError, ModelSettings, is_conversion, model_path
+from gazecam.models import ModelError, ModelSettings
 from gazecam.records import Crop
 
-EMBEDDINGS = "embed_tokens.npz"  # as engines.smollm2_onnx writes it
-
-FORMAT_VERSION = 3  # of the converted folder; must match engines.llama_graph.FORMAT_VERSION
-CONVERTED_NAME = "smollm2-135m-onnx"
 CONTEXT, LOCAL = "context", "local"
 LOCAL_RESERVE = 512  # positions kept free after the regions for a question and its answer
 # A region's line ("- text 'CHECK FUSE', 12 px from the gaze point"): about 15 tokens; an OCR
 # line across a whole 448 px crop stays well under this (the assistant cuts longer ones).
 REGION_MAX_TOKENS = 64
-StopReason = Literal["eos", "stop", "max_tokens"]
 
 
 class _Unset(Enum):
@@ -71,97 +66,6 @@ class _Unset(Enum):
 
 
 UNSET = _Unset.UNSET  # "use the settings' value"
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationStats:
-    """What one answer cost; the last item ``generate`` yields."""
-
-    prompt_tokens: int  # question tokens prefilled at ask time (one pass)
-    generated_tokens: int
-    ttft_ms: float  # from the call to the first token
-    tpot_ms: float  # mean time per output token after the first (0 with fewer than two)
-    attended_visual_kv: list[int]  # region entries attended per model step: prefill, decodes
-    visual_kv_total: int  # region entries in memory
-    selected_regions: list[str] = field(default_factory=list)  # for the first decoding step
-    # Decoding steps whose top-k regions differ from the step before's (the attended entries
-    # are then laid out anew in the session's buffers; otherwise nothing is copied).
-    selection_changes: int = 0
-    token_ids: list[int] = field(default_factory=list)  # the answer's tokens (stop token aside)
-    stop_reason: StopReason = "max_tokens"
-
-
-@dataclass(frozen=True, slots=True)
-class EngineInfo:
-    """Which engine and weights answer: what answers and ``/v1/status`` report."""
-
-    engine: Literal["text", "vlm", "remote"]
-    model: str  # the checkpoint's name, e.g. smollm2-135m-gguf or random-smolvlm-256m
-    random_weights: bool  # a random-weight checkpoint (tests, latency figures): no answers
-    # Why the remote engine did not answer and this (local) one did: "remote: <reason>".
-    fallback: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        """What answers and ``/v1/status`` show: the fields, ``fallback`` only where set."""
-        shown = asdict(self)
-        if self.fallback is None:
-            del shown["fallback"]
-        return shown
-
-
-@dataclass(frozen=True, slots=True)
-class UnitGroup:
-    """One KV group of a unit prefilled in one pass (``LanguageModel.add_unit``)."""
-
-    group_id: str
-    kind: GroupKind  # "frame" (always attended) or "region" (chosen per step)
-    tokens: NDArray[np.int64]  # which of the unit's tokens it holds
-    gaze_prior: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class TokenEmbeddings:
-    """The Q8_0 token embedding table, looked up outside the graph (whose input is embeddings,
-    so that a vision encoder's visual tokens enter it as text tokens do)."""
-
-    q: NDArray[np.int8]  # [V, hidden/32, 32]
-    scales: NDArray[np.float32]  # [V, hidden/32]
-
-    @classmethod
-    def load(cls, path: Path) -> TokenEmbeddings:
-        """Read embed_tokens.npz; ModelError naming the file if it is missing or malformed."""
-        try:
-            with np.load(path) as data:
-                q, scales = data["q"], data["scales"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelError(f"{path}: no readable token embedding ({exc})") from exc
-        if q.dtype != np.int8 or q.ndim != 3 or scales.shape != q.shape[:2]:
-            raise ModelError(f"{path}: q {q.shape} {q.dtype} and scales {scales.shape} disagree")
-        return cls(q, scales.astype(np.float32))
-
-    def lookup(self, ids: Sequence[int]) -> NDArray[np.float32]:
-        """Embeddings of token ids: [T, hidden], q·d exactly as the graph's head dequantises."""
-        index = np.asarray(ids, np.int64)
-        rows: NDArray[np.float32] = self.q[index] * self.scales[index][..., None]
-        return rows.reshape(len(index), -1)
-
-
-def converted_model_dir(settings: LLMSettings, models: ModelSettings) -> Path:
-    """The converted model folder: the configured one, or the cache's (converted once)."""
-    if settings.llm_model_dir is not None:
-        return settings.llm_model_dir
-    out = models.models_dir / CONVERTED_NAME
-    if is_conversion(out, FORMAT_VERSION):
-        return out
-    gguf_path = model_path("smollm2-135m-gguf", models)
-    try:
-        from engines.smollm2_onnx import convert
-    except ModuleNotFoundError as exc:
-        raise MissingDependencyError(
-            exc.name or "onnx", "engines", "Converting SmolLM2 to ONNX"
-        ) from exc
-    convert(gguf_path, out)
-    return out
 
 
 class LanguageModel:

@@ -34,7 +34,8 @@ import cv2
 
 from gazecam.assist.memory import MemoryRegion, MemorySettings
 from gazecam.errors import GazecamError, MissingDependencyError
-from gazecam.llm.decoder import EngineInfo, GenerationStats, LanguageModel
+from gazecam.llm.decoder import LanguageModel
+from gazecam.llm.records import EngineInfo, GenerationStats
 from gazecam.llm.settings import LLMSettings
 from gazecam.llm.tokenizer import Prompt
 from gazecam.records import BGRImage, Crop

@@ -40,7 +40,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gazecam.assist.memory import MemoryRegion, MemorySettings
 from gazecam.errors import MissingDependencyError
-from gazecam.llm.decoder import FORMAT_VERSION, EngineInfo, LanguageModel, UnitGroup
+from gazecam.llm.converted import FORMAT_VERSION
+from gazecam.llm.decoder import LanguageModel
+from gazecam.llm.records import EngineInfo, UnitGroup
 from gazecam.llm.settings import LLMSettings
 from gazecam.llm.tokenizer import Special
 from gazecam.models import ModelError, ModelSettings

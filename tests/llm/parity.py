@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from gazecam.llm import GenerationStats, LanguageModel, LLMSettings
-from gazecam.llm.decoder import converted_model_dir
+from gazecam.llm.converted import converted_model_dir
 from gazecam.models import ModelSettings, model_path
 
 GOLDEN = Path(__file__).parent / "data" / "parity_golden.json"

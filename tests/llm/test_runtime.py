@@ -14,11 +14,12 @@ import pytest
 
 from engines.llama_graph import FORMAT_VERSION
 from gazecam.errors import MissingDependencyError
-from gazecam.llm import LanguageModel, LLMSettings
-from gazecam.llm import decoder as decoder_module
+from gazecam.llm import LanguageModel, LLMSettings, converted
 from gazecam.llm.binding import BoundKV
-from gazecam.llm.decoder import LOCAL_RESERVE, UnitGroup, converted_model_dir
+from gazecam.llm.converted import converted_model_dir
+from gazecam.llm.decoder import LOCAL_RESERVE
 from gazecam.llm.kv import KVCache, KVGroup
+from gazecam.llm.records import UnitGroup
 from gazecam.llm.sampling import sample, stream_piece
 from gazecam.models import ModelSettings
 from tests.conftest import gguf_path
@@ -256,7 +257,7 @@ def test_max_tokens_and_seeded_sampling(tiny_lm: LanguageModel) -> None:
 
 
 def test_converted_folder_format_matches_the_runtime(tiny_dir: Path) -> None:
-    assert FORMAT_VERSION == decoder_module.FORMAT_VERSION
+    assert FORMAT_VERSION == converted.FORMAT_VERSION
     config = Reference.load(tiny_dir).config
     assert config["format_version"] == FORMAT_VERSION
     assert (config["chat_format"], config["weight_bits"]) == ("chatml", 4)

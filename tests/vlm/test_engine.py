@@ -16,7 +16,8 @@ from gazecam.assist.assistant import load_engines
 from gazecam.assist.memory import MemorySettings
 from gazecam.cli import main
 from gazecam.llm import LLMSettings
-from gazecam.llm.decoder import GenerationStats, LanguageModel
+from gazecam.llm.decoder import LanguageModel
+from gazecam.llm.records import GenerationStats
 from gazecam.models import ModelSettings
 from gazecam.records import BGRImage, Box
 from gazecam.sources.synthetic import DemoScene
