@@ -35,3 +35,9 @@ class MissingDependencyError(GazecamError):
             f"{feature} needs the package '{package}': install it with "
             f"pip install 'gazecam[{extra}]'"
         )
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (a library's may run to a page), or its
+    type's name where it has none: for the one-line errors above."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

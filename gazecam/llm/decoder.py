@@ -42,7 +42,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gazecam.assist.memory import MemoryRegion, MemorySettings
-from gazecam.errors import ConfigError
+from gazecam.errors import ConfigError, first_line
 from gazecam.llm.binding import BoundKV, Outputs
 from gazecam.llm.converted import EMBEDDINGS, TokenEmbeddings, converted_model_dir
 from gazecam.llm.kv import GroupKind, KVCache, KVGroup
@@ -96,9 +96,8 @@ class LanguageModel:
                 providers=self.settings.providers(),
             )
         except (RuntimeError, ValueError) as exc:  # onnxruntime's errors derive from these
-            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ModelError(
-                f"{model_dir}: ONNX Runtime cannot load model.onnx ({first_line})"
+                f"{model_dir}: ONNX Runtime cannot load model.onnx ({first_line(exc)})"
             ) from exc
         self.embeddings = TokenEmbeddings.load(model_dir / EMBEDDINGS)
         c = self.config

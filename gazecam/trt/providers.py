@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gazecam.errors import first_line
 from gazecam.models import ModelError, ModelSettings
 from gazecam.settings import comma_names
 from gazecam.trt import EngineError, Platform, probe_platform, tensorrt_too_old
@@ -169,10 +170,6 @@ def _providers(
     return path, [(TRT_EP, options), *cuda, *cpu]
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def open_session(
     path: Path,
     model: str | None,
@@ -263,9 +260,9 @@ def _open(
             except Exception as exc:
                 if tier == "cpu":
                     raise ModelError(
-                        f"{cpu_path or path}: ONNX Runtime cannot load it ({_first_line(exc)})"
+                        f"{cpu_path or path}: ONNX Runtime cannot load it ({first_line(exc)})"
                     ) from exc
-                why = f"ONNX Runtime could not start it ({_first_line(exc)})"
+                why = f"ONNX Runtime could not start it ({first_line(exc)})"
             else:
                 actual = tuple(session.get_providers())
                 real = next((t for t in TIERS[1:] if actual and PROVIDER_OF[t] == actual[0]), "cpu")
