@@ -121,7 +121,6 @@ class NeonSimulator:
         self.http_port = 0
         self.time_echo_port = 0
         self.device_id = uuid.uuid5(uuid.NAMESPACE_URL, address).hex[:16]
-        self._info: SourceInfo | None = None
         self._video: Passthrough | Reencode | None = None
         self.video_mode = ""  # how the scene video is sent, in words
         self._child = RtspChild(self.settings.sim_gst_python, self.settings.sim_host)
@@ -160,7 +159,7 @@ class NeonSimulator:
         except ImportError as exc:
             raise MissingDependencyError("aiohttp", "neon", "The Neon simulator") from exc
         source = open_source(self.address, SourceSettings(pace="fast"))
-        self._info = info = await source.open()  # an unplayable recording fails here
+        info = await source.open()  # an unplayable recording fails here
         await source.close()
         width, height = info.frame_width_px, info.frame_height_px
         if width % 2 or height % 2:  # I420 halves both (a Neon scene camera's are 1600×1200)
@@ -181,7 +180,7 @@ class NeonSimulator:
         try:
             await self._child.start(width, height, self._video.codec_data)
             await self._start_time_echo()
-            await self._start_http(self._info)
+            await self._start_http(info)
             if self.settings.sim_mdns:
                 await self._announce()
         except BaseException:
