@@ -31,7 +31,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from gazecam.models import ModelError, folder_written_atomically, progress
 
-FORMAT_VERSION = 1  # of config.json and model.onnx; must match gazecam.perception.classifier's
+# Of config.json and model.onnx (2: the IR version for the opset); must match
+# gazecam.perception.classifier's.
+FORMAT_VERSION = 2
 OPSET = 17
 INPUT_PX = 224
 FEATURE_DIM = 1280
@@ -269,7 +271,12 @@ def build_graph(state: dict[str, NDArray[Any]], path: Path) -> onnx.ModelProto:
         ],
         g.weights,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    opsets = [helper.make_opsetid("", OPSET)]
+    # The oldest IR version for the opset, not this onnx's newest: an older onnxruntime (a
+    # JetPack wheel; 1.31 reads IR 13, onnx 1.23 writes 14) refuses a newer one.
+    model = helper.make_model(
+        graph, ir_version=helper.find_min_ir_version_for(opsets), opset_imports=opsets
+    )
     onnx.checker.check_model(model)
     return model
 

@@ -33,7 +33,7 @@ from gazecam.records import BGRImage, Crop, Region
 
 MODEL_NAME = "efficientnet-lite0"
 CONVERTED_NAME = "efficientnet-lite0-onnx"  # the converted folder in the models cache
-FORMAT_VERSION = 1  # of the converted folder; must match engines.efficientnet_onnx's
+FORMAT_VERSION = 2  # of the converted folder; must match engines.efficientnet_onnx's
 INPUT_PX = 224
 CLASSES_FILE = Path(__file__).parents[1] / "data" / "imagenet" / "classes.txt"
 # The area classified around a detection: its box grown by this fraction of its size on each

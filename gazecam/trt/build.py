@@ -184,7 +184,11 @@ def epcontext_model(onnx_path: Path, engine_name: str, compute_capability: str) 
     )
     wrapper = helper.make_graph([node], f"{onnx_path.stem}-tensorrt", inputs, list(graph.output))
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-    return bytes(helper.make_model(wrapper, opset_imports=opsets).SerializeToString())
+    # The oldest IR version for the opsets (see engines.efficientnet_onnx): JetPack's
+    # onnxruntime reads no newer.
+    ir_version = helper.find_min_ir_version_for(opsets, ignore_unknown=True)
+    model = helper.make_model(wrapper, ir_version=ir_version, opset_imports=opsets)
+    return bytes(model.SerializeToString())
 
 
 def timing_cache_path(models_dir: Path, platform: Platform) -> Path:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 
 from engines.efficientnet_onnx import BN_EPS, INPUT_MEAN, INPUT_STD, STAGES, read_state_dict
@@ -22,6 +23,7 @@ from gazecam.models import MODELS, ModelError, ModelSettings, fetch
 from gazecam.perception import PerceptionSettings, create_perception
 from gazecam.perception.classifier import (
     CONVERTED_NAME,
+    FORMAT_VERSION,
     ImageClassifier,
     class_names,
     converted_model,
@@ -208,7 +210,9 @@ def test_a_stale_conversion_is_redone(tmp_path: Path, models: ModelSettings) -> 
     (stale / "model.onnx").write_bytes(b"old")
     path = converted_model(ModelSettings(models_dir=cache))
     assert path == stale / "model.onnx" and path.stat().st_size > 10_000_000
-    assert json.loads((stale / "config.json").read_text())["format_version"] == 1
+    assert json.loads((stale / "config.json").read_text())["format_version"] == FORMAT_VERSION
+    # The oldest IR version for opset 17, which every onnxruntime gazecam supports reads.
+    assert onnx.load(str(path), load_external_data=False).ir_version == 8
     # Nothing left beside the two folders (no temporary conversion folder).
     assert sorted(p.name for p in cache.iterdir()) == sorted([CONVERTED_NAME, PTH.name])
 
@@ -349,7 +353,7 @@ def test_a_converted_folder_without_its_normalisation_is_refused(
     folder = tmp_path / CONVERTED_NAME
     folder.mkdir()
     (folder / "model.onnx").symlink_to(converted_model(models))
-    (folder / "config.json").write_text(json.dumps({"format_version": 1}))
+    (folder / "config.json").write_text(json.dumps({"format_version": FORMAT_VERSION}))
     settings = ModelSettings(models_dir=tmp_path / "cache", model_path=[tmp_path])
     assert converted_model(settings) == folder / "model.onnx"  # a GAZECAM_MODEL_PATH copy
     with pytest.raises(ModelError, match=rf"^{folder / 'config.json'}: no readable input_mean"):
