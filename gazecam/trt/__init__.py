@@ -18,6 +18,7 @@ runtime must not need); ``tensorrt`` and ``onnx`` are imported only to build.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import re
 import shutil
@@ -35,6 +36,8 @@ MIN_TENSORRT = (10, 0)
 # Jetson modules have no PCI GPU for nvidia-smi to query; their SoC says which GPU it is.
 TEGRA_COMPUTE_CAPABILITY = {"nvidia,tegra234": "8.7", "nvidia,tegra194": "7.2"}
 DEVICE_TREE = Path("/proc/device-tree/compatible")
+# TensorRT's core library as ONNX Runtime's TensorRT EP loads it (10.x; 11.x for TensorRT 11).
+NVINFER_SONAMES = ("libnvinfer.so.10", "libnvinfer.so.11")
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,8 @@ class Platform:
     compute_capability: str | None  # "8.7"; None: no NVIDIA GPU found
     gpu_name: str | None
     tensorrt_version: str | None  # the tensorrt package's; None: not importable (or no GPU)
+    # The libnvinfer that loads (the TensorRT EP needs it); None: none, or not probed (no GPU)
+    tensorrt_libs: str | None
 
     @property
     def gpu(self) -> str:
@@ -96,12 +101,28 @@ def probe_platform() -> Platform:
     import onnxruntime as ort
 
     cc, name = _nvidia_smi()
-    version = None
+    version = libs = None
     if cc is not None:
         try:
-            import tensorrt
+            import tensorrt  # loads the pip package's libnvinfer, which the probe below finds
 
             version = str(tensorrt.__version__)
         except ImportError:
             version = None
-    return Platform(tuple(ort.get_available_providers()), cc, name, version)
+        libs = nvinfer()
+    return Platform(tuple(ort.get_available_providers()), cc, name, version, libs)
+
+
+def nvinfer() -> str | None:
+    """The soname of the TensorRT library that loads here, None where none does.
+
+    onnxruntime-gpu lists its TensorRT EP whether or not TensorRT is installed; without
+    libnvinfer the EP fails at every session, so the tier is skipped with this reason instead.
+    """
+    for soname in NVINFER_SONAMES:
+        try:
+            ctypes.CDLL(soname)
+        except OSError:
+            continue
+        return soname
+    return None

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from gazecam.errors import first_line
 from gazecam.models import ModelError, ModelSettings
 from gazecam.settings import comma_names
-from gazecam.trt import EngineError, Platform, probe_platform, tensorrt_too_old
+from gazecam.trt import NVINFER_SONAMES, EngineError, Platform, probe_platform, tensorrt_too_old
 from gazecam.trt.build import runtime_profiles
 from gazecam.trt.cache import InputProfile, check_engine, engine_key, has_engine
 from gazecam.trt.graphs import FP16_BREAKS
@@ -109,6 +109,11 @@ def unavailable(tier: str, platform: Platform) -> str | None:
             return "the tensorrt package is not installed (pip install 'gazecam[trt]')"
         if tensorrt_too_old(platform.tensorrt_version):
             return f"TensorRT {platform.tensorrt_version} is too old (10.0 or newer needed)"
+    if tier != "cuda" and platform.tensorrt_libs is None:
+        return (
+            f"TensorRT's libraries are not found ({' or '.join(NVINFER_SONAMES)}: install "
+            "TensorRT, e.g. pip install 'gazecam[trt]')"
+        )
     return None
 
 

@@ -25,9 +25,10 @@ FAKE_GPU = Platform(
     "8.7",
     "FAKE Orin",
     "10.3.0",
+    "libnvinfer.so.10",
 )
 # This machine's ONNX Runtime with no GPU at all (pinned, so a GPU machine answers the same).
-NO_GPU = Platform(tuple(ort.get_available_providers()), None, None, None)
+NO_GPU = Platform(tuple(ort.get_available_providers()), None, None, None, None)
 
 
 def profiles_of(name: str) -> tuple[InputProfile, ...]:

@@ -194,6 +194,23 @@ def test_missing_or_old_tensorrt_and_a_cpu_onnxruntime_are_reasons(models: Model
     assert old.tier == "tensorrt" and old.skipped == (
         ("engine", "TensorRT 8.6.1 is too old (10.0 or newer needed)"),
     )
+    # onnxruntime-gpu lists its TensorRT EP without TensorRT installed (seen on an H200): the
+    # TensorRT tiers are skipped with that reason, not tried and failed at every session.
+    no_libs = plan(
+        rec_path(models),
+        "ppocr-rec",
+        SETTINGS,
+        models,
+        replace(FAKE_GPU, tensorrt_version=None, tensorrt_libs=None),
+    )
+    libs_why = (
+        "TensorRT's libraries are not found (libnvinfer.so.10 or libnvinfer.so.11: install "
+        "TensorRT, e.g. pip install 'gazecam[trt]')"
+    )
+    assert no_libs.tier == "cuda" and no_libs.skipped == (
+        ("engine", "the tensorrt package is not installed (pip install 'gazecam[trt]')"),
+        ("tensorrt", libs_why),
+    )
     cpu_ort = plan(
         rec_path(models), "ppocr-rec", SETTINGS, models, replace(FAKE_GPU, ort_providers=(CPU,))
     )
