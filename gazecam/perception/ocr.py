@@ -46,6 +46,9 @@ DET_MAX_BOXES = 1000
 # Recognition: input height, the narrowest batch (320 px, as the model was exported), batch size.
 REC_HEIGHT_PX = 48
 REC_MIN_WIDTH_PX = 320
+# On a GPU, recogniser batches wider than the minimum are padded to a multiple of this (which
+# divides the engines' widest profile, 8 crops of a multiple of 32 px) and to REC_BATCH lines.
+REC_GPU_WIDTH_STEP_PX = 256
 REC_BATCH = 6
 LINE_MARGIN = 0.1  # of the line's height, added on every side of a line before reading it
 
@@ -175,6 +178,10 @@ class TextReader:
             raise ModelError(f"{rec_path}: no 'character' dictionary in its ONNX metadata")
         # Index 0 is CTC's blank; the model's last class is the space.
         self.characters: tuple[str, ...] = ("", *meta["character"].splitlines(), " ")
+        # On a GPU each new input shape costs a plan search (cuDNN's, the EP's): with the
+        # lines' own widths a crop took 46 ms on an H200 (18 ms on its CPU). There the batches
+        # are padded to a few shapes, which the CPU would pay for in compute.
+        self.padded_shapes = self.rec.get_providers()[0] != "CPUExecutionProvider"
         classes = self.rec.get_outputs()[0].shape[-1]
         if isinstance(classes, int) and classes != len(self.characters):
             raise ModelError(
@@ -206,7 +213,12 @@ class TextReader:
         for begin in range(0, len(lines), REC_BATCH):
             batch = order[begin : begin + REC_BATCH].tolist()
             width = max(REC_MIN_WIDTH_PX, math.ceil(REC_HEIGHT_PX * max(ratios[i] for i in batch)))
-            blob = np.zeros((len(batch), 3, REC_HEIGHT_PX, width), dtype=np.float32)
+            rows = len(batch)
+            if self.padded_shapes:
+                rows = REC_BATCH
+                if width > REC_MIN_WIDTH_PX:
+                    width = -(-width // REC_GPU_WIDTH_STEP_PX) * REC_GPU_WIDTH_STEP_PX
+            blob = np.zeros((rows, 3, REC_HEIGHT_PX, width), dtype=np.float32)
             for row, i in enumerate(batch):
                 w = min(width, math.ceil(REC_HEIGHT_PX * ratios[i]))
                 line = cv2.resize(lines[i], (w, REC_HEIGHT_PX), interpolation=cv2.INTER_CUBIC)

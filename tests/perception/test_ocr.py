@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from gazecam.models import ModelError, ModelSettings
 from gazecam.perception import PerceptionSettings
-from gazecam.perception.ocr import TextReader, fix_o_zero
+from gazecam.perception.ocr import REC_BATCH, TextReader, cut_line, fix_o_zero
 from gazecam.records import BGRImage, Box
 from tests.perception import iou, make_crop, require_models
 
@@ -59,6 +60,36 @@ def test_reads_a_slanted_line(reader: TextReader) -> None:
     slanted = cv2.warpAffine(image, turn, (448, 448), borderValue=(240, 240, 240))
     lines = reader.read(np.asarray(slanted, np.uint8))
     assert [line.text.upper() for line in lines] == ["REMOVE COVER"]
+
+
+def test_padded_shapes_read_the_same_text_in_few_shapes(reader: TextReader) -> None:
+    # On a GPU the recogniser's batches are padded to a few shapes (each new shape costs a
+    # plan search there); here on the CPU the padding is checked to change no reading.
+    image = np.full((448, 448, 3), 235, np.uint8)
+    texts = ["CHECK FUSE", "open the valve", "PRESS 3 TIMES", "7", "torque to 25 Nm now please"]
+    for i, text in enumerate(texts):
+        draw_text(image, text, (10, 50 + 85 * i), 0.9 - 0.1 * (i % 2))
+    lines = [cut_line(image, corners) for corners, _ in reader.detect(image)]
+    shapes: list[tuple[int, ...]] = []
+    run = reader.rec.run
+
+    def recorded(outputs: Any, feed: dict[str, Any]) -> Any:
+        shapes.append(next(iter(feed.values())).shape)
+        return run(outputs, feed)
+
+    reader.rec.run = recorded
+    try:
+        exact = reader.recognise(lines)
+        reader.padded_shapes = True
+        padded = reader.recognise(lines)
+    finally:
+        reader.padded_shapes, reader.rec.run = False, run
+    assert sorted(t.lower() for t, _ in exact) == sorted(t.lower() for t in texts)
+    assert [t for t, _ in padded] == [t for t, _ in exact]
+    assert np.allclose([s for _, s in padded], [s for _, s in exact], atol=0.01)
+    (rows, _, _, width), padded_shape = shapes
+    assert rows == len(texts) and width > 320  # one batch, its widest line's width
+    assert padded_shape == (REC_BATCH, 3, 48, -(-width // 256) * 256)
 
 
 def test_blank_image_has_no_text(reader: TextReader) -> None:

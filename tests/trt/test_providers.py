@@ -132,6 +132,31 @@ def test_without_an_engine_the_tensorrt_ep_builds_its_own_under_the_model_cache(
     ]
 
 
+def test_the_cuda_ep_searches_convolutions_exhaustively_only_at_fixed_shapes(
+    models: ModelSettings,
+) -> None:
+    # cuDNN's exhaustive search runs again for each new shape: 354 ms a crop for the
+    # recogniser's line widths on an H200 (18 ms on its CPU).
+    cuda = SETTINGS.model_copy(update={"onnx_providers": "cuda"})
+    det = models.model_path[0] / "ppocr-det" / "ch_PP-OCRv4_det_infer.onnx"
+    searches = {
+        model: open_session(path, model, cuda, models, FAKE_GPU, fake_ort()).options[CUDA]
+        for model, path in (
+            ("ppocr-rec", rec_path(models)),
+            ("ppocr-det", det),
+            ("smolvlm-vision-448", rec_path(models)),  # any graph: the name sets the shapes
+            (None, rec_path(models)),  # a model gazecam knows no shapes of
+        )
+    }
+    assert searches == {
+        "ppocr-rec": {"cudnn_conv_algo_search": "HEURISTIC"},
+        "ppocr-det": {"cudnn_conv_algo_search": "HEURISTIC"},  # its profile allows 32..448
+        "smolvlm-vision-448": {"cudnn_conv_algo_search": "EXHAUSTIVE"},
+        None: {"cudnn_conv_algo_search": "HEURISTIC"},
+    }
+    assert choices()["ppocr-rec"].tier == "cuda"
+
+
 def test_a_built_engine_runs_and_a_foreign_or_corrupt_one_is_skipped(
     models: ModelSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
