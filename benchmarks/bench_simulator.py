@@ -126,8 +126,9 @@ class Simulator:
         deadline = time.monotonic() + 60
         while (found := re.search(r"at neon://[^:]+:(\d+)", self.output())) is None:
             if self.process.poll() is not None or time.monotonic() > deadline:
+                output = self.output()  # __exit__ closes the log
                 self.__exit__()
-                raise RuntimeError(f"simulate-neon did not start: {self.output()}")
+                raise RuntimeError(f"simulate-neon did not start: {output}")
             time.sleep(0.1)
         self.port = int(found[1])
         mode = re.search(r"scene video (.*)\)$", self.output(), re.MULTILINE)
