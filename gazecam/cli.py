@@ -39,7 +39,7 @@ from gazecam.server.command import ServeCommand
 from gazecam.settings import CaptureSettings, Pace, SourceSettings, settings_problem
 from gazecam.simulate.command import SimulateNeonCommand
 from gazecam.sources import check_address, open_source
-from gazecam.trt.build import EnginesCommand
+from gazecam.trt.command import EnginesCommand
 
 if TYPE_CHECKING:
     from gazecam.assist.assistant import Assistant

@@ -9,6 +9,7 @@ provider chain (TensorRT engine, ONNX Runtime's TensorRT EP, CUDA EP, CPU).
   builder flags) or 11.x (strongly typed: precision from the ONNX graph, an FP16 or Q/DQ one).
 - ``graphs``: the FP16 and Q/DQ ONNX graphs TensorRT builds from, and each model's precision.
 - ``calibrate``: INT8 calibration inputs, the models' own inputs on crops of a source.
+- ``command``: the ``gazecam engines`` command line.
 - ``providers``: which tier each ONNX Runtime session really runs on, and why the better ones
   were skipped.
 

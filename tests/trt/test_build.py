@@ -236,7 +236,7 @@ def test_the_command_calibrates_on_a_source_and_prints_one_line_per_engine(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     trt = FakeTensorRT("11.0.1")
-    monkeypatch.setattr("gazecam.trt.build.build_tools", lambda *args: (FAKE_GPU, trt))
+    monkeypatch.setattr("gazecam.trt.command.build_tools", lambda *args: (FAKE_GPU, trt))
     monkeypatch.setenv("GAZECAM_MODELS_DIR", str(tmp_path / "cache"))
     argv = ["engines", "build", "--precision", "int8", "--models", "yolox-nano"]
     assert main([*argv, "--calibrate", "synthetic:demo"]) == 0
