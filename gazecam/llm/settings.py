@@ -11,9 +11,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gazecam.models import ModelSettings
 from gazecam.settings import comma_names
+from gazecam.trt import CPU_EP, CUDA_EP, TRT_EP
 
 # What llm_providers "auto" picks from, fastest first: TensorRT, then CUDA, then the CPU.
-AUTO_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+AUTO_PROVIDERS = (TRT_EP, CUDA_EP, CPU_EP)
 EngineName = Literal["text", "vlm", "remote"]
 # The help of the --engine, --vlm and --remote-* flags of ask, serve and bench.
 ENGINE_HELP = (

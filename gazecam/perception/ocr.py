@@ -33,6 +33,7 @@ from numpy.typing import NDArray
 from gazecam.models import ModelError, ModelSettings, model_path
 from gazecam.perception import PerceptionSettings, onnx_session, to_region
 from gazecam.records import BGRImage, Crop, Region
+from gazecam.trt import CPU_EP
 
 # Detection. Images run at their own scale up to this side (RapidOCR also enlarges small ones
 # to 736 px, at 2.7 times the cost for a 448 crop; our crops' text is at the camera's scale).
@@ -181,7 +182,7 @@ class TextReader:
         # On a GPU each new input shape costs a plan search (cuDNN's, the EP's): with the
         # lines' own widths a crop took 46 ms on an H200 (18 ms on its CPU). There the batches
         # are padded to a few shapes, which the CPU would pay for in compute.
-        self.padded_shapes = self.rec.get_providers()[0] != "CPUExecutionProvider"
+        self.padded_shapes = self.rec.get_providers()[0] != CPU_EP
         classes = self.rec.get_outputs()[0].shape[-1]
         if isinstance(classes, int) and classes != len(self.characters):
             raise ModelError(

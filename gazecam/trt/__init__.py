@@ -37,6 +37,12 @@ MIN_TENSORRT = (10, 0)
 # Jetson modules have no PCI GPU for nvidia-smi to query; their SoC says which GPU it is.
 TEGRA_COMPUTE_CAPABILITY = {"nvidia,tegra234": "8.7", "nvidia,tegra194": "7.2"}
 DEVICE_TREE = Path("/proc/device-tree/compatible")
+# ONNX Runtime's execution providers that gazecam chooses between, fastest first.
+TRT_EP, CUDA_EP, CPU_EP = (
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "CPUExecutionProvider",
+)
 # TensorRT's core library as ONNX Runtime's TensorRT EP loads it (10.x; 11.x for TensorRT 11).
 NVINFER_SONAMES = ("libnvinfer.so.10", "libnvinfer.so.11")
 

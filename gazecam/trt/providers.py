@@ -26,7 +26,16 @@ from typing import TYPE_CHECKING, Any
 from gazecam.errors import first_line
 from gazecam.models import ModelError, ModelSettings
 from gazecam.settings import comma_names
-from gazecam.trt import NVINFER_SONAMES, EngineError, Platform, probe_platform, tensorrt_too_old
+from gazecam.trt import (
+    CPU_EP,
+    CUDA_EP,
+    NVINFER_SONAMES,
+    TRT_EP,
+    EngineError,
+    Platform,
+    probe_platform,
+    tensorrt_too_old,
+)
 from gazecam.trt.build import runtime_profiles
 from gazecam.trt.cache import InputProfile, check_engine, engine_key, has_engine
 from gazecam.trt.graphs import FP16_BREAKS
@@ -35,11 +44,6 @@ if TYPE_CHECKING:
     from gazecam.perception import PerceptionSettings
 
 TIERS = ("engine", "tensorrt", "cuda", "cpu")
-TRT_EP, CUDA_EP, CPU_EP = (
-    "TensorrtExecutionProvider",
-    "CUDAExecutionProvider",
-    "CPUExecutionProvider",
-)
 PROVIDER_OF = {"engine": TRT_EP, "tensorrt": TRT_EP, "cuda": CUDA_EP, "cpu": CPU_EP}
 # What a setting may name: a tier, or (as before tiers) an ONNX Runtime provider.
 TIER_OF_NAME = {**{t: t for t in TIERS}, TRT_EP: "tensorrt", CUDA_EP: "cuda", CPU_EP: "cpu"}
