@@ -173,14 +173,16 @@ def test_live_pushes_states_several_times_a_second(client: TestClient) -> None:
     assert last["step"]["total"] == 6 and last["crop"]["timestamp_ns"] <= times[-1]
 
 
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+
+
 @pytest.fixture(scope="module")
 def guarded(make_app: Callable[..., FastAPI]) -> Iterator[TestClient]:
-    """A service with a token, and at most two asks a minute per client."""
+    """A service with a token, and at most two asks a minute per client; ready to answer
+    (an ask before its first perceived keyframe is refused as not_ready)."""
     with TestClient(make_app(token=TOKEN, asks_per_minute=2)) as client:
+        first_crop(client, headers=BEARER)
         yield client
-
-
-BEARER = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.mark.parametrize("route", ["/v1/status", "/v1/crop.jpg", "/metrics", "/openapi.json"])
