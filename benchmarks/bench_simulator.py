@@ -180,12 +180,16 @@ async def receive_for(port: int, pid: int, warmup_s: float, window_s: float) -> 
             lags_ms[kind].append((now_ns - timestamp_ns) / 1e6)
 
     async def read_video() -> None:
-        # Raw RTP: a frame is counted at its last packet (the marker bit), undecoded, so that
-        # the client's own decoding does not limit what is measured.
+        # Raw RTP, undecoded, so that the client's own decoding does not limit what is
+        # measured: a frame is counted at its first packet, the first with its RTP time (all
+        # of a frame's packets carry the frame's time). The streamer yields payloads without
+        # the RTP header, so the marker bit is not there to count by.
+        last_ns = None
         async with RTSPRawStreamer(world_url, media_type="video") as streamer:
             async for datum in streamer.receive():
-                if datum.raw[1] & 0x80:
-                    note("frames", datum.timestamp_unix_ns)
+                if datum.timestamp_unix_ns != last_ns:
+                    last_ns = datum.timestamp_unix_ns
+                    note("frames", last_ns)
 
     async def read_gaze() -> None:
         async for datum in receive_gaze_data(gaze_url):

@@ -36,10 +36,10 @@ def test_the_simulator_benchmark_reports_throughput_and_live_latency(
     assert reencoded["scene_video"] == "re-encoded (asked to)"
     for run in (as_is, reencoded):
         assert run["frames"] > 0 and run["gaze"] > 0
-        # At rate 1 nothing comes faster than recorded, but what arrives in 2 s can: frames and
-        # gaze that fell behind (the player and the encoder share one CPU) come in a burst.
-        # Seen: 1.09x gaze here, 1.13x re-encoded frames in one CI run; a pacing bug is 2x.
-        assert run["frames_x_realtime"] <= 1.2 and run["gaze_x_realtime"] <= 1.2, run
+        # At rate 1 nothing comes faster than recorded: a frame or two of slack in 2 s. Gaze is
+        # counted against the recording's mean rate (183.5 Hz: it has gaps), so a 2 s stretch
+        # of full 200 Hz gaze counts 1.09x.
+        assert run["frames_x_realtime"] <= 1.1 and run["gaze_x_realtime"] <= 1.2, run
         assert run["cpu_player_s"] > 0 and run["cpu_rtsp_child_s"] > 0
     live = report["latency"]
     assert live["crops"] >= 1 and live["answers"] == 1, live
