@@ -36,10 +36,16 @@ def test_the_simulator_benchmark_reports_throughput_and_live_latency(
     assert reencoded["scene_video"] == "re-encoded (asked to)"
     for run in (as_is, reencoded):
         assert run["frames"] > 0 and run["gaze"] > 0
-        # At rate 1 nothing comes faster than recorded: a frame or two of slack in 2 s. Gaze is
-        # counted against the recording's mean rate (183.5 Hz: it has gaps), so a 2 s stretch
-        # of full 200 Hz gaze counts 1.09x.
-        assert run["frames_x_realtime"] <= 1.1 and run["gaze_x_realtime"] <= 1.2, run
+        # At rate 1 nothing is sent before it is due: in the 2 s window, a frame or two of
+        # slack, plus what a backlog adds when the player catches up (items late by up to the
+        # largest lag measured: the re-encoding player shares its CPU with x264; lags of 235 ms
+        # seen here, and 1.20x frames in one CI run). Gaze is counted against the recording's
+        # mean rate (183.5 Hz: it has gaps), so a 2 s stretch of full 200 Hz gaze is 1.09x.
+        for rate_x, lag, slack in (
+            ("frames_x_realtime", "frame_lag_ms", 1.1),
+            ("gaze_x_realtime", "gaze_lag_ms", 1.2),
+        ):
+            assert run[rate_x] <= slack + run[lag]["max"] / 1000 / run["window_s"], run
         assert run["cpu_player_s"] > 0 and run["cpu_rtsp_child_s"] > 0
     live = report["latency"]
     assert live["crops"] >= 1 and live["answers"] == 1, live
