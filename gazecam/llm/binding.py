@@ -145,9 +145,15 @@ class BoundKV:
         return past
 
     def _write(self, cache: KVCache, slots: NDArray[np.int64], at: int) -> None:
-        end = at + len(slots)
-        self.keys[:, 0, :, at:end] = cache.keys[:, :, slots]
-        self.values[:, 0, :, at:end] = cache.values[:, :, slots]
+        # Run by run of consecutive slots (a group's entries mostly are one run): a slice
+        # copies straight from the cache, where fancy indexing would gather into a temporary
+        # first (about 4x slower for a sparse step's few MB).
+        breaks = np.flatnonzero(np.diff(slots) != 1) + 1
+        for run in np.split(slots, breaks):
+            first, n = int(run[0]), len(run)
+            self.keys[:, 0, :, at : at + n] = cache.keys[:, :, first : first + n]
+            self.values[:, 0, :, at : at + n] = cache.values[:, :, first : first + n]
+            at += n
         self.copied_entries += len(slots)
 
 
