@@ -24,7 +24,9 @@ class GenerationStats:
     tpot_ms: float  # mean time per output token after the first (0 with fewer than two)
     attended_visual_kv: list[int]  # region entries attended per model step: prefill, decodes
     visual_kv_total: int  # region entries in memory
-    selected_regions: list[str] = field(default_factory=list)  # for the first decoding step
+    # The regions chosen for the first decoding step (none when the answer ended at its first
+    # token).
+    selected_regions: list[str] = field(default_factory=list)
     # Decoding steps whose top-k regions differ from the step before's (the attended entries
     # are then laid out anew in the session's buffers; otherwise nothing is copied).
     selection_changes: int = 0

@@ -14,7 +14,7 @@ import pytest
 
 from engines.llama_graph import FORMAT_VERSION
 from gazecam.errors import MissingDependencyError
-from gazecam.llm import LanguageModel, LLMSettings, converted
+from gazecam.llm import LanguageModel, LLMSettings, converted, decoder
 from gazecam.llm.binding import BoundKV
 from gazecam.llm.converted import converted_model_dir
 from gazecam.llm.decoder import LOCAL_RESERVE
@@ -137,6 +137,35 @@ def test_top_k_attends_fewer_visual_entries(tiny_lm: LanguageModel) -> None:
     assert sparse.attended_visual_kv[1:]
     assert all(n <= largest_two < total for n in sparse.attended_visual_kv[1:])
     assert len(sparse.selected_regions) == 2
+
+
+def test_the_first_token_does_not_wait_for_the_region_choice(
+    tiny_lm: LanguageModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fill(tiny_lm)
+    events: list[str] = []
+    choose = tiny_lm._choose
+
+    def choosing(*args: Any) -> list[KVGroup]:
+        chosen = choose(*args)
+        events.append(f"choose {len(chosen)}")
+        return chosen
+
+    def sampling(*args: Any) -> int:
+        events.append("token")
+        return sample(*args)
+
+    monkeypatch.setattr(tiny_lm, "_choose", choosing)
+    monkeypatch.setattr(decoder, "sample", sampling)
+    _, stats = answer(tiny_lm, "Which valve?", top_k_regions=2, max_tokens=3, temperature=0)
+    assert events == ["token", "choose 2", "token", "choose 2", "token"]
+    assert len(stats.selected_regions) == 2
+    _, alone = answer(tiny_lm, "Which valve?", top_k_regions=2, max_tokens=1)
+    assert alone.selected_regions == [] and alone.attended_visual_kv == [total_entries(tiny_lm)]
+
+
+def total_entries(lm: LanguageModel) -> int:
+    return lm.cache.entries("region") + lm.cache.entries("frame")
 
 
 def test_gaze_prior_decides_when_weighted_heavily(tiny_dir: Path) -> None:
@@ -322,6 +351,24 @@ def test_a_unit_is_prefilled_once_and_kept_as_interleaved_groups(
         assert tiny_lm.cache.groups[g].positions.tolist() == (positions + delta).tolist()
     assert tiny_lm.drop_unit("k") and not tiny_lm.drop_unit("k")
     assert set(tiny_lm.cache.groups) == {"context", "local"}
+
+
+def test_bound_buffers_hold_groups_whose_cache_slots_are_not_contiguous(
+    tiny_lm: LanguageModel,
+) -> None:
+    fill(tiny_lm)
+    tiny_lm.drop_region("r1")  # a hole in the cache's slots, which the next region fills first
+    tiny_lm.add_region("r5", "- text 'CAUTION: HOT SURFACE, DO NOT TOUCH', 10 px away", 0.9)
+    cache = tiny_lm.cache
+    straddling = cache.groups["region:r5"]
+    assert (np.diff(straddling.slots) != 1).any()
+    groups = [cache.groups["context"], straddling, *cache.of_kind("region")[:2]]
+    bound = tiny_lm._scratch
+    bound.hold(groups, cache)
+    slots = np.concatenate([g.slots for g in groups])
+    held = slice(0, len(slots))
+    np.testing.assert_array_equal(bound.keys[:, 0, :, held], cache.keys[:, :, slots])
+    np.testing.assert_array_equal(bound.values[:, 0, :, held], cache.values[:, :, slots])
 
 
 @pytest.mark.parametrize("k", [None, 2])
