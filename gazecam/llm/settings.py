@@ -157,7 +157,15 @@ class LLMSettings(BaseSettings):
         spec = self.llm_providers
         available: list[str] = ort.get_available_providers()
         if spec.strip() == "auto":
-            return [p for p in AUTO_PROVIDERS if p in available]
+            listed = [p for p in AUTO_PROVIDERS if p in available]
+            if listed == [CPU_EP]:
+                return listed
+            # onnxruntime-gpu lists its GPU providers whether or not this machine can run them
+            # (no GPU, no TensorRT libraries): the vision models' tiers are checked alike.
+            from gazecam.trt.providers import TIER_OF_NAME, this_platform, unavailable
+
+            platform = this_platform()
+            return [p for p in listed if unavailable(TIER_OF_NAME[p], platform) is None]
         has = f"not available (this onnxruntime has: {', '.join(available)})"
         return comma_names(spec, "llm_providers", available, has)
 
