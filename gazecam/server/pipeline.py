@@ -4,7 +4,9 @@ keyframe crops go to one perception worker through a one-slot, newest-wins hand-
 Nothing queues without bound. The capture core keeps up with the source (it only matches
 timestamps and cuts crops); a keyframe that arrives while perception is still busy with the
 one before replaces the keyframe waiting in the slot, which is counted as dropped, so
-perception always works on the newest view and an ask never waits for capture. Stale scene
+perception always works on the newest view and an ask never waits for capture. While an
+answer is generated the slot holds its keyframe back (up to ``perception_yield_s``): the
+answer gets the cores, and perception takes the newest keyframe when it ends. Stale scene
 frames are dropped by the source itself (live glasses, or a looped replay behind real time)
 and counted. A source that fails or ends is logged and restarted with a growing backoff: the
 service outlives its source.
@@ -13,6 +15,7 @@ service outlives its source.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -54,25 +57,49 @@ def _log_failure(task: asyncio.Task[None]) -> None:
 
 
 class KeyframeSlot:
-    """A one-slot hand-off between the capture loop and the perception worker; newest wins."""
+    """A one-slot hand-off between the capture loop and the perception worker; newest wins.
 
-    def __init__(self) -> None:
+    While paused (an answer under way) a crop is held back, but for at most ``yield_s`` from
+    the time the worker could have taken it: answers come first, yet back-to-back asks cannot
+    starve perception.
+    """
+
+    def __init__(self, yield_s: float) -> None:
+        self.yield_s = yield_s
+        self.paused = False
         self._crop: Crop | None = None
-        self._ready = asyncio.Event()
+        self._changed = asyncio.Event()
 
     def put(self, crop: Crop) -> bool:
         """Offer a crop; True when it replaced one the worker had not taken yet."""
         replaced = self._crop is not None
         self._crop = crop
-        self._ready.set()
+        self._changed.set()
         return replaced
 
+    def pause(self, paused: bool) -> None:
+        """Hold crops back (True) or hand them out again (False)."""
+        self.paused = paused
+        self._changed.set()
+
     async def take(self) -> Crop:
-        """Wait for the newest crop and empty the slot."""
-        while self._crop is None:
-            self._ready.clear()
-            await self._ready.wait()
+        """Wait for the newest crop (and while paused, up to ``yield_s`` more); empty the slot."""
+        held_since: float | None = None
+        while True:
+            wait_s: float | None = None
+            if self._crop is not None:
+                if not self.paused:
+                    break
+                held_since = time.monotonic() if held_since is None else held_since
+                wait_s = self.yield_s - (time.monotonic() - held_since)
+                if wait_s <= 0:
+                    break
+            self._changed.clear()
+            # A timeout means held long enough: that is seen at the top again.
+            with contextlib.suppress(asyncio.TimeoutError):  # TimeoutError only from 3.11 on
+                await asyncio.wait_for(self._changed.wait(), wait_s)
         crop, self._crop = self._crop, None
+        assert crop is not None  # the loop ends only with a crop
         return crop
 
 
@@ -101,7 +128,7 @@ class Pipeline:
         self.latest_at_s: float | None = None  # time.monotonic() when the latest frame came
         self.latest_crop: Crop | None = None
         self.source_stats: SourceStats | None = None  # the running source's own counters
-        self._slot = KeyframeSlot()
+        self._slot = KeyframeSlot(server.perception_yield_s)
         self._perception = ThreadPoolExecutor(1, thread_name_prefix="gazecam-perception")
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -113,6 +140,10 @@ class Pipeline:
         ]
         for task in self._tasks:
             task.add_done_callback(_log_failure)
+
+    def answering(self, under_way: bool) -> None:
+        """An answer started (True) or ended: while one is under way, keyframes wait for it."""
+        self._slot.pause(under_way)
 
     async def stop(self) -> None:
         """Stop both, and wait for a perception under way to finish."""

@@ -130,6 +130,13 @@ class ServerSettings(BaseSettings):
         description="At most this many asks wait for the generation thread besides the answer "
         "under way; one more gets a busy error with its queue position at once.",
     )
+    perception_yield_s: float = Field(
+        2.0,
+        ge=0,
+        le=60,
+        description="While an answer is generated, the newest keyframe waits up to this long "
+        "for it to end before perception takes it (the answer gets the cores; 0: no wait).",
+    )
     source_stale_s: float = Field(
         10.0,
         gt=0,
