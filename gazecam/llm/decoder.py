@@ -86,9 +86,11 @@ class LanguageModel:
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.settings.llm_threads
-        # Between steps numpy (selection, KV layout) and perception need the same few cores.
+        # Spinning only within a run: between steps numpy (selection, KV layout), and between
+        # answers perception, need the same few cores.
         spinning = "1" if self.settings.llm_thread_spinning else "0"
         options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+        options.add_session_config_entry("session.force_spinning_stop", spinning)
         try:
             self.session = ort.InferenceSession(
                 str(model_dir / "model.onnx"),

@@ -62,9 +62,9 @@ class LLMSettings(BaseSettings):
     )
     llm_thread_spinning: bool = Field(
         False,
-        description="Let idle ONNX Runtime threads spin between operators: on an otherwise idle "
-        "2-core CPU decoding is ~15% faster, but 30-40% slower while perception or anything "
-        "else needs the cores.",
+        description="Let ONNX Runtime's idle threads spin between operators while a run is under "
+        "way (they sleep when it returns). Alone on a 2-core CPU decoding is ~25% faster, "
+        "beside a busy perception ~30% slower; in the service answers came no sooner.",
     )
     llm_max_tokens: int = Field(
         128, ge=1, description="At most this many tokens are generated per answer."

@@ -1,13 +1,15 @@
-"""The language model's execution providers, from ``GAZECAM_LLM_PROVIDERS``."""
+"""The language model's execution providers (``GAZECAM_LLM_PROVIDERS``) and threads."""
 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import onnxruntime as ort
 import pytest
 
 from gazecam.errors import ConfigError
+from gazecam.llm import LanguageModel
 from gazecam.llm.settings import AUTO_PROVIDERS, LLMSettings
 from gazecam.trt import providers
 from tests.trt import FAKE_GPU
@@ -46,3 +48,15 @@ def test_auto_skips_the_gpu_providers_this_machine_cannot_run(
     ):
         monkeypatch.setattr(providers, "this_platform", lambda platform=platform: platform)
         assert LLMSettings(llm_providers="auto").providers() == expected
+
+
+@pytest.mark.parametrize("spinning", [False, True])
+def test_spinning_threads_spin_only_while_a_run_is_under_way(
+    tiny_dir: Path, spinning: bool
+) -> None:
+    lm = LanguageModel(LLMSettings(llm_model_dir=tiny_dir, llm_thread_spinning=spinning))
+    options = lm.session.get_session_options()
+    flag = "1" if spinning else "0"
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == flag
+    # ... and when it returns they sleep: between steps numpy, and perception, need the cores.
+    assert options.get_session_config_entry("session.force_spinning_stop") == flag
