@@ -4,9 +4,10 @@ keyframe crops go to one perception worker through a one-slot, newest-wins hand-
 Nothing queues without bound. The capture core keeps up with the source (it only matches
 timestamps and cuts crops); a keyframe that arrives while perception is still busy with the
 one before replaces the keyframe waiting in the slot, which is counted as dropped, so
-perception always works on the newest view and an ask never waits for capture. While an
-answer is generated the slot holds its keyframe back (up to ``perception_yield_s``): the
-answer gets the cores, and perception takes the newest keyframe when it ends. Stale scene
+perception always works on the newest view and an ask never waits for capture. While a
+local engine generates an answer the slot holds its keyframe back (up to
+``perception_yield_s``): the answer gets the cores, and perception takes the newest keyframe
+when it ends. Stale scene
 frames are dropped by the source itself (live glasses, or a looped replay behind real time)
 and counted. A source that fails or ends is logged and restarted with a growing backoff: the
 service outlives its source.
@@ -142,7 +143,7 @@ class Pipeline:
             task.add_done_callback(_log_failure)
 
     def answering(self, under_way: bool) -> None:
-        """An answer started (True) or ended: while one is under way, keyframes wait for it."""
+        """A local answer started (True) or ended: while one is under way, keyframes wait."""
         self._slot.pause(under_way)
 
     async def stop(self) -> None:

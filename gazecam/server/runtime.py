@@ -5,9 +5,9 @@ events run ``observe_event``, each under the tracker lock, so a step event can n
 to a keyframe update running at the same time. Answers are generated in one generation
 thread, one at a time across all clients (the CPU can run one at a time): an asyncio lock
 queues asks fairly, and each answer's pieces reach the event loop as they come. Reading the
-current step needs no lock (the tracker replaces its belief in one assignment). While an
-answer is generated, perception leaves the cores to it: the newest keyframe waits (up to
-``perception_yield_s``) and is perceived when the answer ends.
+current step needs no lock (the tracker replaces its belief in one assignment). While a local
+engine generates an answer, perception leaves the cores to it: the newest keyframe waits (up
+to ``perception_yield_s``) and is perceived when the answer ends.
 
 The queue in front of the generation thread is bounded in length and in wait: an ask that
 would wait longer than ``ask_queue_wait_s`` (the asks ahead of it times the median of the
@@ -268,7 +268,8 @@ class Runtime:
         queued = time.monotonic()
         await self._wait_turn()
         began = time.monotonic()
-        self.pipeline.answering(True)
+        # A local engine's answer needs the cores perception would take; a remote one does not.
+        self.pipeline.answering(self.engines.model.info.engine != "remote")
         try:
             if started is not None:
                 started(began - queued)

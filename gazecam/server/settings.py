@@ -134,8 +134,9 @@ class ServerSettings(BaseSettings):
         2.0,
         ge=0,
         le=60,
-        description="While an answer is generated, the newest keyframe waits up to this long "
-        "for it to end before perception takes it (the answer gets the cores; 0: no wait).",
+        description="While a local engine (text, vlm) generates an answer, the newest keyframe "
+        "waits up to this long for it to end before perception takes it (the answer gets the "
+        "cores; 0: no wait).",
     )
     source_stale_s: float = Field(
         10.0,
