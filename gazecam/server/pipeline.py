@@ -7,10 +7,9 @@ one before replaces the keyframe waiting in the slot, which is counted as droppe
 perception always works on the newest view and an ask never waits for capture. While a
 local engine generates an answer the slot holds its keyframe back (up to
 ``perception_yield_s``): the answer gets the cores, and perception takes the newest keyframe
-when it ends. Stale scene
-frames are dropped by the source itself (live glasses, or a looped replay behind real time)
-and counted. A source that fails or ends is logged and restarted with a growing backoff: the
-service outlives its source.
+when it ends. Stale scene frames are dropped by the source itself (live glasses, or a looped
+replay behind real time) and counted. A source that fails or ends is logged and restarted
+with a growing backoff: the service outlives its source.
 """
 
 from __future__ import annotations
