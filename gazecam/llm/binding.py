@@ -18,6 +18,11 @@ writes in place, and a step copies nothing it does not have to:
 
 A group is known by its id and serial (``KVGroup.serial``: new for every group made, and
 after a ``shift``), so a group replaced or moved is never taken for its old entries.
+
+Per-layer float32 buffers, not one tensor per kind: a graph input costs ONNX Runtime about
+0.1 µs a run, while slicing one tensor per layer inside the graph would copy it and stop the
+in-place writes; float16 buffers changed 3 of the 8 parity answers and decoded no faster on
+x86 (``benchmarks/README.md``, bench_peers).
 """
 
 from __future__ import annotations
