@@ -100,7 +100,9 @@ class AskSession:
 
     async def _answer(self, ask: AskMessage) -> None:
         received = time.perf_counter()
-        outcome = "answered"
+        # The ask's outcome is counted once, BEFORE its final frame goes out: a client that
+        # has its answer (or its error) finds it in /metrics already.
+        outcome: str | None = None
         first = True
         try:
             answer = self._runtime.ask(
@@ -110,6 +112,8 @@ class AskSession:
                 async for piece in pieces:
                     if isinstance(piece, Answer):
                         self._open_ask = None  # a client may ask again as soon as it has this
+                        outcome = "answered"
+                        self._metrics.asks.labels(outcome).inc()
                         await self._send({"type": "answer", "id": ask.id, **piece.to_json()})
                         continue
                     if first:
@@ -117,15 +121,18 @@ class AskSession:
                         first = False
                     await self._send({"type": "token", "id": ask.id, "text": piece})
         except WebSocketDisconnect:
-            outcome = "disconnected"
+            pass  # counted below, unless the answer was out already
         except Exception as exc:
             error = client_error(exc)
-            outcome = error.code
             self._open_ask = None
+            if outcome is None:
+                outcome = error.code
+                self._metrics.asks.labels(outcome).inc()
             with contextlib.suppress(WebSocketDisconnect):  # gone meanwhile: nobody to tell
                 await self._send(error.frame(ask.id))
         finally:
-            self._metrics.asks.labels(outcome).inc()
+            if outcome is None:  # the client went away, or the socket closed, before the end
+                self._metrics.asks.labels("disconnected").inc()
 
 
 @router.websocket("/v1/ask")
