@@ -95,16 +95,21 @@ def test_ask_on_the_glasses_names_the_direct_replays_step(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A demo of 120 s, steps of 20 s: the live stream's first item comes 1-5 s into it (the
-    # command loads its models first, slowly on a busy machine), its answer some seconds
-    # later, well inside the first step either way. The simulator and both commands read it.
+    # command loads its models first, slowly on a busy machine), its answer 11 s later, inside
+    # the first step either way. The simulator and both commands read it.
+    # Not earlier: the demo's gaze glances at other steps' labels at 3, 6 and 7 s, and a live
+    # run on a busy machine perceives only some keyframes (newest frame wins). Replaying the
+    # demo's keyframes with each kept at random (p = 0.5, 300 runs), the tracker names a step
+    # other than 1 at 22-35% of the moments from 6 to 8 s, 11% at 9 s, 4% at 10 s, 1% or less
+    # at 11 and 12 s, and never from 13 to 19 s; with every keyframe, step 1 throughout.
     monkeypatch.setenv("GAZECAM_SYNTHETIC_DURATION_S", "120")
     require_models("ppocr-det", "ppocr-rec", "yolox-nano", "efficientnet-lite0")
     gguf_path()  # the commands' language model
     with simulator_thread(DEMO, sim_loop=True) as sim_thread:
-        live = ask(sim_thread.sim.uri, 3)
+        live = ask(sim_thread.sim.uri, 11)
         started_ns = sim_thread.sim.started_wall_ns
     crop_s = (live["crop"]["timestamp_ns"] - started_ns) / 1e9
-    assert 3 <= crop_s < 14, live  # where a direct replay names step 1 with confidence
+    assert 11 <= crop_s < 19.5, live  # where a direct replay names step 1 with confidence
     direct = ask(DEMO, crop_s + 0.01)
     assert live["step"]["index"] == direct["step"]["index"], (live, direct)
     assert live["text"].split(".")[0] == direct["text"].split(".")[0]
