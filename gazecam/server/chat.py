@@ -16,7 +16,6 @@ in the extension field ``gazecam``, which OpenAI clients keep as an extra. See d
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import time
@@ -274,28 +273,35 @@ async def _metered(
     runtime: Runtime, metrics: Metrics, question: str
 ) -> AsyncGenerator[str | Answer, None]:
     """``Runtime.ask``'s pieces, counted in the metrics as ``/v1/ask``'s are; an error comes
-    out as the ClientError the client gets."""
+    out as the ClientError the client gets.
+
+    The outcome is counted once, before the Answer is handed on (so before the last chunk goes
+    out): a client that has its answer finds it in /metrics already.
+    """
     received = time.perf_counter()
-    outcome = "answered"
+    outcome: str | None = None
     first = True
     try:
         async with contextlib.aclosing(
             runtime.ask(question, metrics.ask_queue_wait.observe)
         ) as pieces:
             async for piece in pieces:
-                if first and isinstance(piece, str):
+                if isinstance(piece, Answer):
+                    outcome = "answered"
+                    metrics.asks.labels(outcome).inc()
+                elif first:
                     metrics.time_to_first_token.observe(time.perf_counter() - received)
                     first = False
                 yield piece
-    except (GeneratorExit, asyncio.CancelledError):
-        outcome = "disconnected"  # the client left mid-answer: the answer stops
-        raise
     except Exception as exc:
         error = client_error(exc)
-        outcome = error.code
+        if outcome is None:
+            outcome = error.code
+            metrics.asks.labels(outcome).inc()
         raise error from exc
     finally:
-        metrics.asks.labels(outcome).inc()
+        if outcome is None:  # the client left mid-answer (the answer stops), or it was cancelled
+            metrics.asks.labels("disconnected").inc()
 
 
 async def _then(
