@@ -212,6 +212,13 @@ class Runtime:
     async def _wait_turn(self) -> None:
         """Take the generation lock, or raise QueueFullError (see the module docstring)."""
         wait_s, lock = self.server.ask_queue_wait_s, self._generation_lock
+        if not lock.locked() and not self._waiting:
+            # Nothing under way and nobody in line: start now. acquire() takes a free lock
+            # without suspending, so an ask arriving next finds this one under way, not waiting
+            # (through wait_for it would sit in the line for a few loop turns, and a burst of asks
+            # at an idle service found the line full and was refused but for the first).
+            await lock.acquire()
+            return
         ahead = len(self._waiting) + lock.locked()
         if len(self._waiting) >= self.server.ask_queue_max:
             raise QueueFullError(ahead, f"at most {self.server.ask_queue_max} asks wait")

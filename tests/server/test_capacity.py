@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from starlette.datastructures import Address
 
+from gazecam.assist.assistant import Answer
 from gazecam.server.errors import ClientError
 from gazecam.server.protocol import RateLimiter
 from gazecam.server.runtime import Runtime
@@ -147,6 +148,34 @@ def test_the_queue_refuses_past_its_length_and_after_its_wait_with_the_position(
         assert "gazecam_ask_queue_length 0.0" in metrics
         assert "gazecam_ask_queue_wait_seconds_count 1.0" in metrics
         assert 'gazecam_asks_total{outcome="busy"} 2.0' in metrics
+
+
+def test_asks_arriving_together_at_an_idle_service_start_one_and_queue_the_next(
+    make_app: Callable[..., FastAPI],
+) -> None:
+    # Both asks reach the queue in one turn of the event loop, as a burst from several clients
+    # does: the first starts, and the second is the one that may wait (ask_queue_max=1), not
+    # refused as if the first were waiting in line.
+    app = make_app(ask_queue_max=1)
+    with TestClient(app, base_url=LOCAL) as client:
+        first_crop(client)
+        runtime: Runtime = app.state.runtime
+        waited_s: list[float] = []
+
+        async def answer() -> Answer:
+            pieces = [piece async for piece in runtime.ask("What step am I on?", waited_s.append)]
+            assert isinstance(pieces[-1], Answer)
+            return pieces[-1]
+
+        async def two_at_once() -> list[Answer]:
+            return await asyncio.gather(answer(), answer())
+
+        assert client.portal is not None  # set while the client runs the app
+        answers = client.portal.call(two_at_once)
+        assert all(a.text.startswith("You are on step") for a in answers)
+        # The second waited for the first's answer; the first did not wait.
+        assert len(waited_s) == 2 and waited_s[0] < 0.05 < waited_s[1]
+        assert runtime.asks_waiting == 0 and not runtime._generation_lock.locked()
 
 
 def test_loopback_connections_are_clients_of_their_own_other_addresses_share_one() -> None:
