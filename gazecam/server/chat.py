@@ -32,10 +32,8 @@ from gazecam.server.deps import MetricsDep, RateLimiterDep, RuntimeDep, Settings
 from gazecam.server.errors import (
     ClientError,
     OpenAIError,
-    client_error,
     openai_error_responses,
 )
-from gazecam.server.metrics import Metrics
 from gazecam.server.protocol import RateLimiter
 from gazecam.server.routes import read_body
 from gazecam.server.runtime import Runtime
@@ -269,41 +267,6 @@ async def retrieve_model(model: str, runtime: RuntimeDep) -> ModelCard:
     return _model_card(runtime)
 
 
-async def _metered(
-    runtime: Runtime, metrics: Metrics, question: str
-) -> AsyncGenerator[str | Answer, None]:
-    """``Runtime.ask``'s pieces, counted in the metrics as ``/v1/ask``'s are; an error comes
-    out as the ClientError the client gets.
-
-    The outcome is counted once, before the Answer is handed on (so before the last chunk goes
-    out): a client that has its answer finds it in /metrics already.
-    """
-    received = time.perf_counter()
-    outcome: str | None = None
-    first = True
-    try:
-        async with contextlib.aclosing(
-            runtime.ask(question, metrics.ask_queue_wait.observe)
-        ) as pieces:
-            async for piece in pieces:
-                if isinstance(piece, Answer):
-                    outcome = "answered"
-                    metrics.asks.labels(outcome).inc()
-                elif first:
-                    metrics.time_to_first_token.observe(time.perf_counter() - received)
-                    first = False
-                yield piece
-    except Exception as exc:
-        error = client_error(exc)
-        if outcome is None:
-            outcome = error.code
-            metrics.asks.labels(outcome).inc()
-        raise error from exc
-    finally:
-        if outcome is None:  # the client left mid-answer (the answer stops), or it was cancelled
-            metrics.asks.labels("disconnected").inc()
-
-
 async def _then(
     first: str | Answer, rest: AsyncIterator[str | Answer]
 ) -> AsyncGenerator[str | Answer, None]:
@@ -406,7 +369,7 @@ async def chat_completions(
         raise _not_found(chat.model)
     question = chat.question()
     limiter.take(RateLimiter.client_key(request.client))
-    pieces = _metered(runtime, metrics, question)
+    pieces = metrics.metered(runtime.ask(question, metrics.ask_queue_wait.observe))
     # Waits for the answer's turn: a refusal is an error status, before any of the answer.
     first = await anext(pieces)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": MODEL_ID}

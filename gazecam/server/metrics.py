@@ -7,12 +7,16 @@ one place only; the rest are ordinary prometheus-client metrics.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import time
+from collections.abc import AsyncGenerator, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gazecam.assist.assistant import Answer
+from gazecam.server.errors import client_error
 from gazecam.server.pipeline import PipelineStats
 
 # Time to first token spans a fact sentence looked up at once (milliseconds) to an answer
@@ -92,6 +96,38 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+    async def metered(
+        self, pieces: AsyncGenerator[str | Answer, None]
+    ) -> AsyncGenerator[str | Answer, None]:
+        """One ask's ``pieces`` (``Runtime.ask``'s, for either transport), counted: the time to
+        its first token, and its outcome in gazecam_asks_total once, before the Answer or the
+        error is handed on, so a client that has its answer finds it in /metrics already. An
+        ask closed before either (the client left: the answer stops) counts as disconnected.
+        An error comes out as the ClientError the client gets.
+        """
+        received = time.perf_counter()
+        outcome: str | None = None
+        first = True
+        try:
+            async with contextlib.aclosing(pieces):
+                async for piece in pieces:
+                    if isinstance(piece, Answer):
+                        outcome = "answered"
+                        self.asks.labels(outcome).inc()
+                    elif first:
+                        self.time_to_first_token.observe(time.perf_counter() - received)
+                        first = False
+                    yield piece
+        except Exception as exc:
+            error = client_error(exc)
+            if outcome is None:
+                outcome = error.code
+                self.asks.labels(outcome).inc()
+            raise error from exc
+        finally:
+            if outcome is None:
+                self.asks.labels("disconnected").inc()
 
     def watch_queue(self, waiting: Callable[[], int]) -> None:
         """Read the queue length from ``waiting`` when scraped (the runtime that owns the queue

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -99,40 +98,24 @@ class AskSession:
         task.add_done_callback(self._tasks.discard)
 
     async def _answer(self, ask: AskMessage) -> None:
-        received = time.perf_counter()
-        # The ask's outcome is counted once, BEFORE its final frame goes out: a client that
-        # has its answer (or its error) finds it in /metrics already.
-        outcome: str | None = None
-        first = True
+        answer = self._runtime.ask(
+            ask.question, self._metrics.ask_queue_wait.observe, self._conversation
+        )
         try:
-            answer = self._runtime.ask(
-                ask.question, self._metrics.ask_queue_wait.observe, self._conversation
-            )
-            async with contextlib.aclosing(answer) as pieces:
+            async with contextlib.aclosing(self._metrics.metered(answer)) as pieces:
                 async for piece in pieces:
                     if isinstance(piece, Answer):
                         self._open_ask = None  # a client may ask again as soon as it has this
-                        outcome = "answered"
-                        self._metrics.asks.labels(outcome).inc()
                         await self._send({"type": "answer", "id": ask.id, **piece.to_json()})
-                        continue
-                    if first:
-                        self._metrics.time_to_first_token.observe(time.perf_counter() - received)
-                        first = False
-                    await self._send({"type": "token", "id": ask.id, "text": piece})
+                    else:
+                        await self._send({"type": "token", "id": ask.id, "text": piece})
         except WebSocketDisconnect:
-            pass  # counted below, unless the answer was out already
+            pass  # counted as disconnected, unless the answer was out already
         except Exception as exc:
             error = client_error(exc)
             self._open_ask = None
-            if outcome is None:
-                outcome = error.code
-                self._metrics.asks.labels(outcome).inc()
             with contextlib.suppress(WebSocketDisconnect):  # gone meanwhile: nobody to tell
                 await self._send(error.frame(ask.id))
-        finally:
-            if outcome is None:  # the client went away, or the socket closed, before the end
-                self._metrics.asks.labels("disconnected").inc()
 
 
 @router.websocket("/v1/ask")
